@@ -1,0 +1,538 @@
+"""Train the whole ConceptWorld model family from a seed.
+
+    python -m conceptworld.train [--out DIR] [--seed 0] [--scale 1.0]
+
+Stages, each with a progress bar: tokenizer -> data -> VAE -> judge -> text-to-image (text
+encoder + UNet, trained jointly) -> text-to-video (an AnimateDiff-style motion model initialised
+from the image UNet; the text encoder is frozen and shared). Everything is saved in the stock
+diffusers layouts under ``DIR/t2i`` and ``DIR/t2v`` plus ``DIR/judge``.
+
+This module is never imported by serving code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .judge import HEADS, Judge, JudgeNet
+from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
+
+# Model sizes. Chosen so that one 25-step image with guidance stays under 0.3 s on two CPU cores.
+TEXT_HIDDEN = 128
+UNET_CHANNELS = (64, 128)
+VAE_CHANNELS = (16, 32, 64)
+LATENT_CHANNELS = 4
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[conceptworld.train {time.strftime('%H:%M:%S')}] {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _render_images(job: tuple[int, int, float, bool]) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    seed, n, instance_prob, allow_held_out = job
+    rng = np.random.default_rng(seed)
+    imgs, labels, centres = [], [], []
+    for _ in range(n):
+        s = world.random_scene(rng, instance_prob=instance_prob, allow_held_out=allow_held_out)
+        imgs.append(world.render_scene(s))
+        labels.append(s.labels())
+        centres.append((s.cx, s.cy))
+    return (np.stack(imgs) * 255).round().astype(np.uint8), labels, np.asarray(centres, np.float32)
+
+
+def _render_videos(job: tuple[int, int, float]) -> tuple[np.ndarray, list[dict]]:
+    seed, n, instance_prob = job
+    rng = np.random.default_rng(seed)
+    clips, labels = [], []
+    for _ in range(n):
+        direction = str(rng.choice(world.MOTIONS))
+        s = world.random_video_scene(rng, direction, instance_prob=instance_prob, allow_held_out=False)
+        clips.append(world.render_video(s, direction))
+        labels.append({**s.labels(), "motion": direction})
+    return (np.stack(clips) * 255).round().astype(np.uint8), labels
+
+
+def _parallel(fn, jobs, desc: str):
+    ctx = mp.get_context("fork")
+    with ctx.Pool(min(len(jobs), max(1, os.cpu_count() or 1))) as pool:
+        return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
+
+
+def render_image_set(seed: int, n: int, instance_prob: float, allow_held_out: bool, desc: str):
+    chunk = 1000
+    jobs = [(seed * 100_003 + i, min(chunk, n - i * chunk), instance_prob, allow_held_out) for i in range(math.ceil(n / chunk))]
+    parts = _parallel(_render_images, jobs, desc)
+    imgs = np.concatenate([p[0] for p in parts])
+    labels = [lab for p in parts for lab in p[1]]
+    centres = np.concatenate([p[2] for p in parts])
+    return imgs, labels, centres
+
+
+def render_video_set(seed: int, n: int, instance_prob: float, desc: str):
+    chunk = 250
+    jobs = [(seed * 100_019 + i, min(chunk, n - i * chunk), instance_prob) for i in range(math.ceil(n / chunk))]
+    parts = _parallel(_render_videos, jobs, desc)
+    return np.concatenate([p[0] for p in parts]), [lab for p in parts for lab in p[1]]
+
+
+def to_unit(x: np.ndarray) -> torch.Tensor:
+    """uint8 ``(..., H, W, 3)`` -> float ``(..., 3, H, W)`` in [0, 1]."""
+    t = torch.from_numpy(x).float() / 255.0
+    return t.movedim(-1, -3).contiguous()
+
+
+def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None = None, drop: float = 0.1) -> str:
+    """A caption drawn from the training grammar; sometimes empty (for guidance) or partial."""
+    if rng.random() < drop:
+        return ""
+    background = lab["background"] if rng.random() > 0.15 else None
+    if motion is None and rng.random() < 0.1:
+        motion_word = str(rng.choice(world.MOTIONS))  # a still of a moving object
+    else:
+        motion_word = motion
+    if lab["instance"] != "none":
+        return world.caption(rng, None, None, background, lab["instance"], motion_word)
+    return world.caption(rng, lab["shape"], lab["color"], background, motion=motion_word)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vae(images: torch.Tensor, steps: int, device: torch.device, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=16,
+        sample_size=world.IMAGE_SIZE,
+    ).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="vae")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * cosine_lr(step, steps, 100)
+        idx = torch.randint(0, len(images), (32,), generator=gen)
+        x = images[idx].to(device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i : i + 512].to(device) * 2 - 1).latent_dist.mean for i in range(0, min(4096, len(images)), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), 512):
+        x = images[i : i + 512].to(device) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), 512), desc="encode latents", leave=False):
+        post = vae.encode(images[i : i + 512].to(device) * 2 - 1).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n = len(x)
+    x = x + torch.randn(x.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.06
+    x = x + (torch.rand(n, 3, 1, 1, generator=gen) - 0.5) * 0.12
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    a = torch.rand(n, 1, 1, 1, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.3)
+    return (x * (1 - a) + blur * a).clamp(0, 1)
+
+
+def train_judge(images: torch.Tensor, recon: torch.Tensor, labels: list[dict], centres: np.ndarray, steps: int, device, seed: int) -> Judge:
+    torch.manual_seed(seed)
+    net = JudgeNet(width=16).to(device)
+    targets = {k: torch.tensor([world.ATTRIBUTES[k].index(lab[k]) for lab in labels]) for k in HEADS}
+    pos = torch.from_numpy(centres) / world.IMAGE_SIZE
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="judge")
+    net.train()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * cosine_lr(step, steps, 100)
+        idx = torch.randint(0, len(images), (128,), generator=gen)
+        # half of every batch is seen through the VAE, so the judge reads decoded samples well
+        use_rec = torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5
+        x = torch.where(use_rec, recon[idx], images[idx])
+        x = _augment(x, gen).to(device)
+        logits, p = net(x)
+        loss = sum(F.cross_entropy(logits[k], targets[k][idx].to(device)) for k in HEADS)
+        loss = loss + 20.0 * F.mse_loss(p, pos[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return Judge(net.cpu().eval())
+
+
+def judge_accuracy(judge: Judge, images: torch.Tensor, labels: list[dict]) -> dict[str, float]:
+    rows = judge(images)
+    return {k: float(np.mean([r[k][0] == lab[k] for r, lab in zip(rows, labels)])) for k in HEADS}
+
+
+def build_text_encoder(tokenizer, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 2 ** (len(VAE_CHANNELS) - 1),
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=32,
+        norm_num_groups=32,
+    )
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+
+
+def sampling_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+class EMA:
+    """Exponential moving average of parameters (kept in fp32 on the training device)."""
+
+    def __init__(self, modules, decay: float):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int, device, seed: int):
+    text_encoder = build_text_encoder(tokenizer, seed).to(device)
+    unet = build_unet(seed).to(device)
+    sched = noise_scheduler()
+    mean, std = latents
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    ema = EMA([unet, text_encoder], decay=0.999)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="text-to-image")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = 5e-4 * cosine_lr(step, steps, 300)
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        captions = [training_caption(rng, labels[i]) for i in idx.tolist()]
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scaling
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        cond = encode_text(tokenizer, text_encoder, captions, device)
+        pred = unet(sched.add_noise(z0, noise, t), t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to()
+    return text_encoder.eval(), unet.eval()
+
+
+def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int):
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(
+        block_out_channels=UNET_CHANNELS,
+        motion_layers_per_block=1,
+        motion_mid_block_layers_per_block=1,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=32,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+    model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
+    sched = noise_scheduler()
+    mean, std = clip_latents  # (N, F, C, h, w)
+    motion_params = [p for n, p in model.named_parameters() if "motion_modules" in n]
+    spatial_params = [p for n, p in model.named_parameters() if "motion_modules" not in n]
+    opt = torch.optim.AdamW([{"params": motion_params, "lr": 5e-4}, {"params": spatial_params, "lr": 1e-4}], weight_decay=1e-2)
+    base_lrs = [5e-4, 1e-4]
+    ema = EMA([model], decay=0.998)
+    text_encoder.requires_grad_(False)
+    rng = np.random.default_rng(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    bar = tqdm(range(steps), desc="text-to-video")
+    model.train()
+    for step in bar:
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * cosine_lr(step, steps, 200)
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        captions = [training_caption(rng, labels[i], motion=labels[i]["motion"]) for i in idx.tolist()]
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        z0 = z0.permute(0, 2, 1, 3, 4).to(device)  # (B, C, F, h, w) as UNetMotionModel expects
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        with torch.no_grad():
+            # the motion UNet reads one prompt per frame, as AnimateDiffPipeline passes them
+            cond = encode_text(tokenizer, text_encoder, captions, device).repeat_interleave(z0.shape[2], dim=0)
+        noisy = sched.add_noise(z0, noise, t)
+        pred = model(noisy, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to()
+    model.eval()
+    # the adapter saved beside the model must hold the trained motion modules
+    adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k}, strict=True)
+    return model, adapter
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m conceptworld.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the bundled weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.05 for a smoke run)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    s = args.scale
+    n_img, n_vid = max(2000, int(32000 * min(1.0, s * 4))), max(400, int(4000 * min(1.0, s * 4)))
+    steps = {
+        "vae": max(50, int(1200 * s)),
+        "judge": max(50, int(1500 * s)),
+        "t2i": max(50, int(5000 * s)),
+        "t2v": max(50, int(1800 * s)),
+    }
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    tmp = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log(f"device={device} seed={args.seed} steps={steps} images={n_img} clips={n_vid}")
+
+    t0 = time.time()
+    words = world.vocabulary()["words"]
+    tokenizer = build_tokenizer(words, tmp / "t2i" / "tokenizer")
+    timings["tokenizer"] = time.time() - t0
+
+    t0 = time.time()
+    judge_imgs, judge_labels, judge_centres = render_image_set(args.seed + 11, n_img, 0.25, True, "render judge/vae set")
+    train_imgs, train_labels, _ = render_image_set(args.seed + 12, n_img, 0.15, False, "render image set")
+    clips, clip_labels = render_video_set(args.seed + 13, n_vid, 0.15, "render video set")
+    timings["render"] = time.time() - t0
+
+    t0 = time.time()
+    judge_x = to_unit(judge_imgs)
+    vae = train_vae(judge_x, steps["vae"], device, args.seed)
+    timings["vae"] = time.time() - t0
+
+    t0 = time.time()
+    recon = vae_roundtrip(vae, judge_x, device)
+    judge = train_judge(judge_x, recon, judge_labels, judge_centres, steps["judge"], device, args.seed)
+    fresh, fresh_labels, _ = render_image_set(args.seed + 99, 2000, 0.25, True, "render judge test set")
+    fresh_x = to_unit(fresh)
+    acc = judge_accuracy(judge, fresh_x, fresh_labels)
+    acc_rec = judge_accuracy(judge, vae_roundtrip(vae, fresh_x, device), fresh_labels)
+    judge.save(tmp / "judge")
+    timings["judge"] = time.time() - t0
+    log(f"judge accuracy on fresh renders {acc}; on their VAE reconstructions {acc_rec}")
+
+    t0 = time.time()
+    latents = encode_latents(vae, to_unit(train_imgs), device)
+    text_encoder, unet = train_t2i(latents, vae.config.scaling_factor, train_labels, tokenizer, steps["t2i"], 64, device, args.seed)
+    timings["t2i"] = time.time() - t0
+
+    t0 = time.time()
+    flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
+    m, sd = encode_latents(vae, flat, device)
+    clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
+    motion_unet, adapter = train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps["t2v"], 8, device, args.seed)
+    timings["t2v"] = time.time() - t0
+
+    save_pipelines(tmp, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), motion_unet.cpu(), adapter.cpu())
+    timings["total"] = time.time() - t_start
+    (tmp / "training.json").write_text(
+        json.dumps(
+            {
+                "seed": args.seed,
+                "scale": s,
+                "device": str(device),
+                "steps": steps,
+                "images": n_img,
+                "clips": n_vid,
+                "seconds": {k: round(v, 1) for k, v in timings.items()},
+                "judge_accuracy_fresh": acc,
+                "judge_accuracy_vae_reconstructions": acc_rec,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+    )
+    # swap in atomically so an interrupted run never leaves a half-written model family
+    if args.out.exists():
+        old = args.out.with_name(args.out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        args.out.rename(old)
+        tmp.rename(args.out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(args.out)
+    log(f"done in {timings['total'] / 60:.1f} min -> {args.out}")
+
+
+def save_pipelines(out: Path, vae, text_encoder, tokenizer, unet, motion_unet, adapter) -> None:
+    from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
+
+    t2i = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    t2i.save_pretrained(out / "t2i")
+    t2v = AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=motion_unet,
+        motion_adapter=adapter,
+        scheduler=sampling_scheduler(),
+    )
+    t2v.save_pretrained(out / "t2v")
+    store_half(out)
+
+
+def store_half(folder: Path) -> None:
+    """Store pipeline weights as float16 to keep the bundled models small.
+
+    diffusers and transformers load them back as float32 unless a ``torch_dtype`` is given, so
+    nothing changes for users; the evaluation measures these rounded weights.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(folder.glob("t2*/*/*.safetensors")):
+        state = load_file(f)
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, f, metadata={"format": "pt"})
+
+
+if __name__ == "__main__":
+    main()

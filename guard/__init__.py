@@ -1,0 +1,1 @@
+"""conceptguard guard: safe textual-inversion loading and request screening (not built yet)."""

@@ -1,0 +1,1 @@
+"""conceptguard policy schema and loader (not built yet)."""

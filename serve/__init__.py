@@ -1,0 +1,1 @@
+"""conceptguard serving: the command line today; the Ray Serve application and HTTP API next."""

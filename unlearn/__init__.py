@@ -1,0 +1,1 @@
+"""conceptguard unlearning methods, weight patches and their cache (not built yet)."""
