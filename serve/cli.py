@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from policies.cli import policy_app
+
 app = typer.Typer(
     help="conceptguard: remove concepts from diffusion models and serve them safely.",
     no_args_is_help=True,
@@ -15,6 +17,7 @@ app = typer.Typer(
 )
 world_app = typer.Typer(help="The bundled ConceptWorld models and their judge.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+app.add_typer(policy_app, name="policy", help="Validate, explain and compare concept-removal policies.")
 
 
 def _fail(message: str) -> None:
