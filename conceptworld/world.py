@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -436,6 +436,27 @@ def vocabulary() -> dict:
     }
 
 
-def iter_scenes_for(labels: Iterable[dict[str, str]], rng: np.random.Generator) -> Iterable[Scene]:
-    for lab in labels:
-        yield random_scene(rng, **lab)
+def parse_prompt(text: str) -> dict[str, str]:
+    """The attributes a prompt names, read with the world's synonyms: ``"a crimson pentagram on
+    stripes"`` -> ``{"shape": "star", "color": "red", "background": "stripes"}``. An instance
+    name also implies its design's shape and color. Unknown words are ignored."""
+    words = " " + " ".join(text.lower().replace(",", " ").replace("-", " ").split()) + " "
+    found: dict[str, str] = {}
+
+    def has(phrase: str) -> bool:
+        return f" {phrase} " in words
+
+    for inst, (shape, color) in INSTANCE_BASE.items():
+        if has(inst):
+            found.update(instance=inst, shape=shape, color=color)
+    for attr, values in (("shape", SHAPES), ("color", COLORS), ("motion", MOTIONS)):
+        for value in values:
+            # longest synonyms first so "plus sign" wins over "plus"
+            if any(has(s) for s in sorted(SYNONYMS[value], key=len, reverse=True)):
+                found.setdefault(attr, value)
+    for value in BACKGROUNDS:
+        phrases = list(BACKGROUND_NOUNS[value]) + [f"{a} background" for a in BACKGROUND_ADJECTIVES[value]] + [f"{a} backdrop" for a in BACKGROUND_ADJECTIVES[value]]
+        phrases += [p.removeprefix("a ") for p in BACKGROUND_NOUNS[value]] + list(BACKGROUND_ADJECTIVES[value])
+        if any(has(p) for p in phrases):
+            found.setdefault("background", value)
+    return found

@@ -272,10 +272,10 @@ class ForgetMeNotConfig(_MethodConfig):
 
 
 class TextEncoderConfig(_MethodConfig):
-    """Few-shot unlearning of the text encoder: the target's embedding is moved onto the anchor's.
+    """Few-shot unlearning of the text encoder only: the target prompt comes to condition like the
+    anchor, and the patch transfers to every pipeline sharing the encoder, text-to-video included.
 
-    Fuchi and Takagi, "Erasing Concepts from Text-to-Image Diffusion Models with Few-shot
-    Unlearning", BMVC 2024.
+    Liu and Tan, "Unlearning Concepts from Text-to-Video Diffusion Models", arXiv:2407.14209, 2024.
     """
 
     name: Literal["text_encoder"] = Field(default="text_encoder", description="Method name: 'text_encoder'.")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from policies.cli import policy_app
+from unlearn.cli import eval_command, unlearn_app
 
 app = typer.Typer(
     help="conceptguard: remove concepts from diffusion models and serve them safely.",
@@ -18,6 +19,8 @@ app = typer.Typer(
 world_app = typer.Typer(help="The bundled ConceptWorld models and their judge.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(policy_app, name="policy", help="Validate, explain and compare concept-removal policies.")
+app.add_typer(unlearn_app, name="unlearn")
+app.command("eval")(eval_command)
 
 
 def _fail(message: str) -> None:

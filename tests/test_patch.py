@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
+from conftest import tiny_text_encoder, tiny_unet
 from unlearn.patch import (
     BaseModelMismatchError,
     Patch,
@@ -19,21 +18,7 @@ from unlearn.patch import (
 
 
 def tiny_components(seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    return {"unet": unet.eval(), "text_encoder": text.eval()}
+    return {"unet": tiny_unet(seed), "text_encoder": tiny_text_encoder(seed)}
 
 
 def state(components) -> dict[str, torch.Tensor]:

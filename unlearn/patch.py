@@ -136,8 +136,8 @@ class Patch:
 
     @property
     def patch_id(self) -> str:
-        """Content hash of the deltas and metadata (stable across save/load)."""
-        h = hashlib.sha256(self.metadata.to_json().encode())
+        """Content hash of the deltas and of what they were built from (not of how long it took)."""
+        h = hashlib.sha256(dataclasses.replace(self.metadata, build_seconds=0.0).to_json().encode())
         for name, t in sorted(self.deltas.items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -1,0 +1,136 @@
+"""Every unlearning method builds a real patch on a tiny real pipeline, through one mechanism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from policies import load_policy_text
+from unlearn import PatchCache, PatchError, PatchStack, build_patches, get_method, pipeline_components, plan, register_method, registered_methods
+from unlearn.methods import UnlearnMethod
+
+POLICY = """
+apiVersion: conceptguard.dev/v1
+kind: ConceptPolicy
+metadata: {{name: tiny, version: 1.0.0, owner: tests}}
+spec:
+  models:
+    text_to_image: {{builtin: conceptworld}}
+    text_to_video: {{builtin: conceptworld}}
+  concepts:
+{concepts}
+"""
+
+METHODS = {
+    "ablation": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, regularization_weight: 0.5}",
+    "ablation_noise": "{name: ablation, variant: noise, parameters: embedding, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4}",
+    "forget_me_not": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn}",
+    "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
+    "closed_form": "{name: closed_form}",
+}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "closed_form": "unet"}
+
+
+def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
+    return (
+        f"    - id: {cid}\n      target: {{text: {target}, phrasings: [the {target}]}}\n      anchor: {anchor}\n"
+        f"      category: instance\n      scope: {scope}\n      preserve: [a green square, quibbit]\n      method: {method}\n"
+    )
+
+
+def policy_with(*concepts: str):
+    return load_policy_text(POLICY.format(concepts="".join(concepts)), "test.yaml")
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}/{k}": v.clone() for c, m in pipeline_components(pipe).items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("label", sorted(METHODS))
+def test_each_method_builds_a_patch_and_leaves_the_pipeline_unchanged(tiny_pipeline, label):
+    pipe = tiny_pipeline()
+    pol = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS[label]))
+    concept = pol.spec.concepts[0]
+    before = weights(pipe)
+    patch = get_method(concept.method.name)(concept.method).build(pipe, [concept], seed=0, progress=False)
+    after = weights(pipe)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # building changes nothing in place
+    assert patch.components == {EXPECTED_COMPONENT[label]}
+    assert patch.metadata.concepts == ("zorblax",) and patch.metadata.method == concept.method.name
+    assert patch.metadata.concept_hashes == (concept.spec_hash(),)
+    assert all(torch.isfinite(d).all() and d.abs().sum() > 0 for d in patch.deltas.values())
+    stack = PatchStack(pipeline_components(pipe))
+    stack.apply(patch)
+    assert any(not torch.equal(before[k], v) for k, v in weights(pipe).items())
+    stack.remove_all()
+    assert all(torch.equal(before[k], v) for k, v in weights(pipe).items())
+
+
+def test_builds_are_seeded(tiny_pipeline):
+    pipe = tiny_pipeline()
+    pol = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS["ablation"]))
+    c = pol.spec.concepts[0]
+    a = get_method("ablation")(c.method).build(pipe, [c], seed=3, progress=False)
+    b = get_method("ablation")(c.method).build(pipe, [c], seed=3, progress=False)
+    assert a.patch_id == b.patch_id
+    assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+
+
+def test_closed_form_removes_many_concepts_in_one_edit(tiny_pipeline):
+    pipe = tiny_pipeline()
+    pol = policy_with(
+        concept_yaml("zorblax", "zorblax", "a green circle", METHODS["closed_form"]),
+        concept_yaml("mordak", "mordak", "a blue square", METHODS["closed_form"]),
+        concept_yaml("stripes", "stripes", "a plain background", METHODS["closed_form"]),
+    )
+    models = {"text_to_image": pipe}
+    jobs = plan(pol, models)
+    assert len(jobs) == 1 and [c.id for c in jobs[0].concepts] == ["zorblax", "mordak", "stripes"]
+    patch = get_method("closed_form")(pol.spec.concepts[0].method).build(pipe, jobs[0].concepts, progress=False)
+    assert patch.metadata.concepts == ("zorblax", "mordak", "stripes")
+
+
+def test_single_concept_methods_refuse_several_concepts(tiny_pipeline):
+    pol = policy_with(
+        concept_yaml("zorblax", "zorblax", "a green circle", METHODS["ablation"]),
+        concept_yaml("mordak", "mordak", "a blue square", METHODS["ablation"]),
+    )
+    with pytest.raises(PatchError, match="one concept per patch"):
+        get_method("ablation")(pol.spec.concepts[0].method).build(tiny_pipeline(), pol.spec.concepts, progress=False)
+
+
+def test_text_encoder_patch_is_shared_by_models_with_the_same_encoder(tiny_pipeline, tmp_path):
+    image, video = tiny_pipeline(0), tiny_pipeline(0)
+    video.unet = type(video.unet).from_config(video.unet.config)  # another denoiser, same encoder weights
+    pol = policy_with(
+        concept_yaml("zorblax", "zorblax", "a green circle", METHODS["text_encoder"]),
+        concept_yaml("mordak", "mordak", "a blue square", METHODS["ablation"]),
+    )
+    models = {"text_to_image": image, "text_to_video": video}
+    jobs = plan(pol, models)
+    assert [(j.method, j.model, j.applies_to) for j in jobs] == [
+        ("text_encoder", "text_to_image", ["text_to_image", "text_to_video"]),
+        ("ablation", "text_to_image", ["text_to_image"]),
+        ("ablation", "text_to_video", ["text_to_video"]),
+    ]
+    cache = PatchCache(tmp_path)
+    first = build_patches(pol, models, cache, progress=False)
+    assert all(b.built for b in first)
+    again = build_patches(pol, models, cache, progress=False)
+    assert not any(b.built for b in again)
+    assert [b.patch.patch_id for b in again] == [b.patch.patch_id for b in first]
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    assert set(registered_methods()) == {"ablation", "forget_me_not", "text_encoder", "closed_form"}
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_method
+        class Again(UnlearnMethod):
+            name = "ablation"
+
+            def edit(self, *a, **k):
+                pass
+
+    with pytest.raises(PatchError, match="Known methods"):
+        get_method("esd")

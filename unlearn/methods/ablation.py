@@ -1,0 +1,68 @@
+"""Concept ablation.
+
+Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV 2023
+(arXiv:2303.13516). The model's distribution for the *target* prompt is pulled onto the
+distribution of an *anchor* prompt:
+
+- model-based (default): ``|| eps(x_t, c_target, t) - sg(eps_frozen(x_t, c_anchor, t)) ||^2``,
+  with ``x_t`` noised from images the frozen model generated for the anchor prompt;
+- noise-based: the ordinary diffusion loss on (target prompt, anchor image) pairs.
+
+An optional regulariser (the ordinary diffusion loss on anchor prompts and anchor images)
+keeps the anchor itself intact. The parameter group is cross-attention key/value by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+
+
+@register_method
+class Ablation(UnlearnMethod):
+    name = "ablation"
+
+    def edit(self, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], *, progress: bool) -> None:
+        (concept,) = concepts
+        cfg = self.config
+        targets = target_prompts(concept)
+        anchor = concept.anchor
+        anchor_x0 = den.sample_latents(anchor, cfg.anchor_images)
+        n_pairs = cfg.steps * cfg.batch_size
+        # Draw every (x_t, t, target prompt) of the run up front and compute the frozen model's
+        # anchor prediction for it now, before any weight moves: no frozen copy of the UNet needed.
+        gen = den.generator
+        idx = torch.randint(0, len(anchor_x0), (n_pairs,), generator=gen)
+        prompt_idx = torch.randint(0, len(targets), (n_pairs,), generator=gen)
+        x0 = anchor_x0[idx]
+        x_t, noise, t = den.noised(x0)
+        if cfg.variant == "model":
+            with torch.no_grad():
+                anchor_emb = den.encode([anchor])
+                goal = torch.cat(
+                    [den.predict(x_t[i : i + 64], t[i : i + 64], anchor_emb.expand(len(x_t[i : i + 64]), -1, -1)) for i in range(0, n_pairs, 64)]
+                )
+        else:
+            goal = noise
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
+        bar = progress_bar(cfg.steps, f"ablation {concept.id}", progress)
+        for step in range(cfg.steps):
+            sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            emb = den.encode([targets[int(i)] for i in prompt_idx[sl]])
+            loss = F.mse_loss(den.predict(x_t[sl], t[sl], emb), goal[sl])
+            if cfg.regularization_weight > 0:
+                rx, rnoise, rt = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (cfg.batch_size,), generator=gen)])
+                remb = den.encode([anchor] * cfg.batch_size)
+                loss = loss + cfg.regularization_weight * F.mse_loss(den.predict(rx, rt, remb), rnoise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()

@@ -1,0 +1,119 @@
+"""The method interface and registry: one registered class per method, one shared build path.
+
+A method trains (or edits) some parameters of a pipeline in place; :meth:`UnlearnMethod.build`
+snapshots them first, turns the change into a :class:`~unlearn.patch.Patch` and always restores
+the weights afterwards, so building never leaves a half-changed model behind (an interrupt
+included) and a patch only takes effect through :class:`~unlearn.patch.PatchStack`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..denoiser import Denoiser
+from ..patch import Patch, PatchError, PatchMetadata, fingerprint, pipeline_components, project_version, select_parameters
+
+_REGISTRY: dict[str, type["UnlearnMethod"]] = {}
+
+
+def register_method(cls: type["UnlearnMethod"]) -> type["UnlearnMethod"]:
+    """Class decorator adding a method to the registry; names must be unique."""
+    name = cls.name
+    if not name or name in _REGISTRY:
+        raise ValueError(f"Cannot register method {name!r}: {'it is already registered' if name else 'it has no name'}.")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["UnlearnMethod"]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PatchError(f"Got {name!r} for method. Known methods: {sorted(_REGISTRY)}.") from None
+
+
+def registered_methods() -> dict[str, type["UnlearnMethod"]]:
+    return dict(_REGISTRY)
+
+
+class UnlearnMethod(abc.ABC):
+    """Base class: subclasses set ``name`` and implement :meth:`edit`."""
+
+    name: ClassVar[str] = ""
+    #: whether several concepts are removed in one edit (their patches are one file)
+    multi_concept: ClassVar[bool] = False
+
+    def __init__(self, config):
+        if getattr(config, "name", None) != self.name:
+            raise PatchError(f"Got a {type(config).__name__} for method {self.name!r}; pass its own config.")
+        self.config = config
+
+    @property
+    def parameter_group(self) -> str:
+        return self.config.parameter_group
+
+    @abc.abstractmethod
+    def edit(self, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], *, progress: bool) -> None:
+        """Change ``params`` in place so that ``concepts`` are removed."""
+
+    def build(self, pipe, concepts: Sequence, *, seed: int = 0, progress: bool = True) -> Patch:
+        """Run the method on ``pipe`` for ``concepts`` and return the change as a patch.
+
+        The pipeline's weights are the same before and after this call.
+        """
+        if not concepts:
+            raise PatchError(f"Method {self.name!r} was given no concept.")
+        if len(concepts) > 1 and not self.multi_concept:
+            raise PatchError(f"Method {self.name!r} removes one concept per patch; got {len(concepts)}.")
+        components = pipeline_components(pipe)
+        params = select_parameters(components, self.parameter_group)
+        touched = sorted({k.split("/", 1)[0] for k in params})
+        fingerprints = {c: fingerprint(components[c]) for c in touched}
+        before = {k: p.detach().clone() for k, p in params.items()}
+        grad_state = {n: p.requires_grad for c in components.values() for n, p in c.named_parameters(prefix=str(id(c)))}
+        modes = {c: m.training for c, m in components.items()}
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        try:
+            for m in components.values():
+                m.requires_grad_(False)
+            for p in params.values():
+                p.requires_grad_(True)
+            self.edit(Denoiser(pipe, seed=seed), concepts, params, progress=progress)
+            metadata = PatchMetadata(
+                method=self.name,
+                options=self.config.model_dump(mode="json"),
+                concepts=tuple(c.id for c in concepts),
+                concept_hashes=tuple(c.spec_hash() for c in concepts),
+                base_fingerprints=fingerprints,
+                version=project_version(),
+                build_seconds=round(time.perf_counter() - start, 3),
+            )
+            return Patch.from_weights(before, params, metadata)
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(before[k])
+            for c in components.values():
+                for n, p in c.named_parameters(prefix=str(id(c))):
+                    p.requires_grad_(grad_state[n])
+            for c, m in components.items():
+                m.train(modes[c])
+                m.zero_grad(set_to_none=True)
+
+
+def target_prompts(concept) -> list[str]:
+    """The target's canonical text followed by its other phrasings."""
+    return [concept.target.text, *concept.target.phrasings]
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

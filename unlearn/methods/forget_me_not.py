@@ -1,0 +1,98 @@
+"""Forget-Me-Not attention re-steering.
+
+Zhang et al., "Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models"
+(arXiv:2303.17591). While the model denoises reference images of the concept, the
+cross-attention probabilities that every cross-attention layer puts on the concept's tokens are
+collected and their norm is minimised; there is no denoising loss. The full UNet is tuned by
+default, cross-attention only as an option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+
+# Words that carry no concept: their tokens are never the ones re-steered.
+_FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background"}
+
+
+class _AttentionProbe:
+    """An attention processor for ``attn2`` layers that records the attention probabilities."""
+
+    def __init__(self, sink: list):
+        self.sink = sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # (batch*heads, pixels, tokens)
+        self.sink.append(probs.view(batch, attn.heads, *probs.shape[1:]))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str]) -> torch.Tensor:
+    """``(len(prompts), seq)`` booleans: the positions holding tokens of the concept's words."""
+    tok = den.tokenizer
+    concept_ids = set()
+    for word in concept_words:
+        concept_ids.update(tok(word, add_special_tokens=False).input_ids)
+    ids = den.token_ids(prompts).cpu()
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for cid in concept_ids:
+        mask |= ids == cid
+    return mask
+
+
+def concept_words(concept) -> set[str]:
+    words = {w for p in target_prompts(concept) for w in p.lower().replace(",", " ").split()}
+    return words - _FUNCTION_WORDS - set(concept.anchor.lower().split())
+
+
+@register_method
+class ForgetMeNot(UnlearnMethod):
+    name = "forget_me_not"
+
+    def edit(self, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], *, progress: bool) -> None:
+        (concept,) = concepts
+        cfg = self.config
+        prompts = target_prompts(concept)
+        refs = den.sample_latents(concept.target.text, cfg.reference_images)
+        masks = concept_token_mask(den, prompts, concept_words(concept)).to(den.device)
+        if not masks.any():
+            from ..patch import PatchError
+
+            raise PatchError(f"Concept {concept.id!r}: none of its target words is a token of this model's tokenizer, so there is no attention to re-steer.")
+        probes: list[torch.Tensor] = []
+        unet = den.unet
+        saved = dict(unet.attn_processors)
+        unet.set_attn_processor({name: (_AttentionProbe(probes) if ".attn2." in name else proc) for name, proc in saved.items()})
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
+        bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
+        try:
+            for _ in range(cfg.steps):
+                i = int(torch.randint(0, len(refs), (1,), generator=den.generator))
+                j = int(torch.randint(0, len(prompts), (1,), generator=den.generator))
+                x_t, _, t = den.noised(refs[i : i + 1])
+                probes.clear()
+                den.predict(x_t, t, den.encode([prompts[j]]))
+                m = masks[j]
+                # attention mass on the concept's tokens, every layer, head and pixel
+                loss = torch.stack([p[..., m].pow(2).sum(-1).mean() for p in probes]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(attn=f"{loss.item():.4f}")
+        finally:
+            unet.set_attn_processor(saved)
+            bar.close()

@@ -1,0 +1,58 @@
+"""Few-shot text-encoder unlearning.
+
+Liu and Tan, "Unlearning Concepts from Text-to-Video Diffusion Models" (arXiv:2407.14209),
+2024: only the text encoder of a text-to-image model is tuned, from a few generated images, and
+the tuned encoder is plugged into every text-to-video model that shares it (SD-1.x and
+AnimateDiff share CLIP; SD-2 and ModelScope/Zeroscope share OpenCLIP).
+
+Here the encoder is trained so that, on a few generated images of the target and of the anchor,
+the UNet conditioned on the *tuned* encoding of the target predicts what the frozen model
+predicts for the anchor; the encodings of the preserve prompts are held at their original
+values. The UNet never changes, so the patch only touches ``text_encoder`` and applies to the
+image and video pipelines alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+
+
+@register_method
+class TextEncoderUnlearning(UnlearnMethod):
+    name = "text_encoder"
+
+    def edit(self, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], *, progress: bool) -> None:
+        (concept,) = concepts
+        cfg = self.config
+        targets = target_prompts(concept)
+        half = max(1, cfg.images // 2)
+        x0 = torch.cat([den.sample_latents(concept.target.text, half), den.sample_latents(concept.anchor, cfg.images - half or 1)])
+        preserve = list(concept.preserve)
+        with torch.no_grad():
+            anchor_emb = den.encode([concept.anchor])
+            preserve_goal = den.encode(preserve) if preserve else None
+        opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
+        bar = progress_bar(cfg.steps, f"text_encoder {concept.id}", progress)
+        batch = 4
+        for _ in range(cfg.steps):
+            idx = torch.randint(0, len(x0), (batch,), generator=den.generator)
+            x_t, _, t = den.noised(x0[idx])
+            with torch.no_grad():
+                goal = den.predict(x_t, t, anchor_emb.expand(batch, -1, -1))
+            chosen = [targets[int(i)] for i in torch.randint(0, len(targets), (batch,), generator=den.generator)]
+            loss = F.mse_loss(den.predict(x_t, t, den.encode(chosen)), goal)
+            if preserve_goal is not None:
+                loss = loss + F.mse_loss(den.encode(preserve), preserve_goal)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
