@@ -86,6 +86,108 @@ def generate(
     typer.echo(f"wrote {out}")
 
 
+RUNTIME_FILE = Path.home() / ".cache" / "conceptguard" / "serve-settings.json"
+
+
+@app.command("serve")
+def serve_command(
+    policy: Optional[Path] = typer.Option(None, "--policy", help="Policy YAML file (default: the shipped ConceptWorld demo policy)."),
+    host: str = typer.Option("127.0.0.1", help="HTTP host."),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache", help="Patch cache folder shared by the replicas."),
+    device: Optional[str] = typer.Option(None, help="Device of the model replicas (cpu, cuda)."),
+    image_replicas: int = typer.Option(1, min=1, help="Replicas of the text-to-image deployment."),
+    video_replicas: int = typer.Option(1, min=1, help="Replicas of the text-to-video deployment."),
+    num_cpus: float = typer.Option(1.0, min=0.01, help="CPUs per model replica."),
+    num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs per model replica."),
+    max_batch_size: int = typer.Option(8, min=1, help="Most image requests batched into one generation."),
+    ray_address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster (default: start a local Ray)."),
+    exit_when_ready: bool = typer.Option(False, "--exit-when-ready", help="Stop once the app is ready (for checks and benchmarks)."),
+) -> None:
+    """Serve the patched text-to-image and text-to-video models behind Ray Serve."""
+    import os
+    import time
+
+    from .app import APP_NAME, ServeSettings, build_app
+
+    settings = ServeSettings(
+        **({"policy": str(policy.resolve())} if policy else {}),
+        cache_dir=str(cache_dir.resolve()) if cache_dir else None,
+        device=device,
+        image_replicas=image_replicas,
+        video_replicas=video_replicas,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_batch_size=max_batch_size,
+    )
+    from policies import PolicyError, load_policy
+
+    try:
+        pol = load_policy(settings.policy)
+    except (PolicyError, OSError) as e:
+        _fail(str(e))
+    import ray
+    from ray import serve
+
+    needed = int((image_replicas + video_replicas) * num_cpus + 0.999) + 1
+    t0 = time.perf_counter()
+    if ray_address:
+        ray.init(address=ray_address, namespace="conceptguard")
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, namespace="conceptguard", log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    typer.echo(f"policy {pol.metadata.name} v{pol.metadata.version}: {len(pol.spec.concepts)} concepts; applying patches (building the missing ones)...")
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    except Exception as e:
+        serve.shutdown()
+        _fail(f"the application did not become ready: {e}")
+    RUNTIME_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RUNTIME_FILE.write_text(settings.model_dump_json(indent=2))
+    url = f"http://{host}:{port}"
+    typer.echo(f"ready in {time.perf_counter() - t0:.1f} s at {url}  (OpenAPI: {url}/docs, metrics: {url}/metrics)")
+    typer.echo(
+        "example:\n"
+        f"  curl -s {url}/v1/images -H 'content-type: application/json' "
+        "-d '{\"prompt\": \"zorblax on dots\", \"n\": 4, \"response_format\": \"png\"}' -o sample.png"
+    )
+    if exit_when_ready:
+        serve.shutdown()
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down")
+        serve.shutdown()
+
+
+@policy_app.command("apply")
+def policy_apply(
+    file: Path = typer.Argument(..., help="The new policy YAML file."),
+    ray_address: str = typer.Option("auto", help="Address of the Ray cluster running the app."),
+) -> None:
+    """Roll a new policy out to the running app without downtime (validated first)."""
+    from policies import PolicyError, load_policy
+
+    from .app import APP_NAME, ServeSettings, build_app
+
+    try:
+        pol = load_policy(file)
+    except (PolicyError, OSError) as e:
+        _fail(f"{e}\nThe running policy is unchanged.")
+    if not RUNTIME_FILE.exists():
+        _fail(f"No running app found ({RUNTIME_FILE} is missing). Start one with `conceptguard serve`.")
+    settings = ServeSettings.model_validate_json(RUNTIME_FILE.read_text()).model_copy(update={"policy": str(file.resolve())})
+    import ray
+    from ray import serve
+
+    ray.init(address=ray_address, namespace="conceptguard", log_to_driver=False)
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    RUNTIME_FILE.write_text(settings.model_dump_json(indent=2))
+    typer.echo(f"rolled out {pol.metadata.name} v{pol.metadata.version}; check GET /v1/policy for the version in force")
+
+
 @world_app.command("vocab")
 def world_vocab() -> None:
     """Print the ConceptWorld vocabulary as JSON."""

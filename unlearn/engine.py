@@ -136,9 +136,14 @@ def build_patches(
     seed: int = 0,
     progress: bool = True,
     on_job: Callable[[BuildJob, int, int], None] | None = None,
+    builder: Callable[[BuildJob], object] | None = None,
 ) -> list[BuiltPatch]:
     """Fetch every patch of ``policy`` from ``cache``, building the missing ones (once across
-    processes sharing the cache)."""
+    processes sharing the cache).
+
+    ``builder(job)`` may return another pipeline to build a job on (one with the same weights
+    in the components the job touches); it is only called on a cache miss.
+    """
     out = []
     jobs = plan(policy, models)
     for i, job in enumerate(jobs):
@@ -147,8 +152,15 @@ def build_patches(
         pipe = models[job.model]
         key = job_key(job, pipe, seed)
         method = get_method(job.method)(job.config)
+
+        def build(job=job, pipe=pipe, method=method) -> Patch:
+            target = builder(job) if builder else pipe
+            if target is not pipe and job_key(job, target, seed) != key:
+                raise PatchError(f"The pipeline chosen to build {job.method} for {[c.id for c in job.concepts]} has other base weights than {job.model}.")
+            return method.build(target, job.concepts, seed=seed, progress=progress)
+
         t0 = time.perf_counter()
-        patch, built = cache.get_or_build(key, lambda: method.build(pipe, job.concepts, seed=seed, progress=progress))
+        patch, built = cache.get_or_build(key, build)
         out.append(BuiltPatch(job, patch, built, time.perf_counter() - t0))
     return out
 

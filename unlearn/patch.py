@@ -267,6 +267,10 @@ class PatchStack:
             if not torch.equal(actual, expected) or not torch.isfinite(actual).all():
                 raise PatchError(f"Verification failed for {key!r}: the weights are not the base plus the applied patches.")
 
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The unpatched values of every tensor the applied patches changed."""
+        return dict(self._originals)
+
     @torch.no_grad()
     def remove_all(self) -> None:
         for key, original in self._originals.items():

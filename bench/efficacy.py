@@ -1,0 +1,138 @@
+"""Efficacy of every unlearning method on ConceptWorld, judged by its judge.
+
+    python bench/efficacy.py [--samples 64] [--out runs/efficacy] [--methods ablation,...]
+
+For each method, one policy removes an instance (zorblax -> a green circle), a style
+(stripes -> a plain background) and an object (star -> a circle); ``closed_form`` also runs one
+edit that removes five concepts at once. Prints a table and writes ``efficacy.json``.
+
+Bars (from the engine issue), per concept:
+  erased     target found in <= 10% of samples of its prompt, two paraphrases and a misspelling
+             (from >= 90% before);
+  anchor     (ablation) the anchor shows in >= 80% of target-prompt samples;
+  preserved  every preserve prompt loses <= 5 points of judge accuracy; unrelated prompts <= 2;
+  video      the text_encoder patch, learnt on images, applied to the video model: target in
+             <= 10% of frames, preserved video prompts lose <= 5 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policies import load_policy_text  # noqa: E402
+
+# Settings for the ConceptWorld models (tiny, trained from scratch at lr 5e-4): the papers'
+# SD defaults (lr 2e-6) would not move them. Each is what the demo policy uses.
+METHOD_SETTINGS = {
+    "ablation": "{name: ablation, parameters: cross_attn_kv, steps: 100, learning_rate: 0.001, batch_size: 8, anchor_images: 64, regularization_weight: 1.0}",
+    "forget_me_not": "{name: forget_me_not, parameters: cross_attn, steps: 35, learning_rate: 0.001, reference_images: 10}",
+    "text_encoder": "{name: text_encoder, steps: 100, learning_rate: 0.0003, images: 8}",
+    "closed_form": "{name: closed_form, preserve_weight: 0.5, erase_weight: 1.0}",
+}
+
+CONCEPTS = {
+    "zorblax": ("instance", "zorblax", ["the zorblax", "a picture of zorblax"], "a green circle", ["a green circle", "quibbit", "a green square", "mordak"]),
+    "stripes": ("style", "stripes", ["a striped background", "diagonal lines"], "a plain background", ["a red square on dots", "a blue circle on a checkerboard", "a yellow cross on a plain background"]),
+    "star": ("object", "a star", ["a pentagram", "a starfish shape"], "a circle", ["a diamond", "a red cross", "a green circle"]),
+    "mordak": ("instance", "mordak", ["the mordak"], "a blue square", ["a blue square", "zorblax", "a blue diamond"]),
+    "dots": ("style", "dots", ["polka dots", "a dotted background"], "a plain background", ["a red square on stripes", "an orange star on a checkerboard"]),
+}
+
+
+def concept_block(cid: str, method: str, scope: str = "both") -> str:
+    category, text, phrasings, anchor, preserve = CONCEPTS[cid]
+    return (
+        f"    - id: {cid}\n      category: {category}\n      scope: {scope}\n"
+        f"      target: {{text: {json.dumps(text)}, phrasings: {json.dumps(phrasings)}}}\n"
+        f"      anchor: {json.dumps(anchor)}\n      preserve: {json.dumps(preserve)}\n      method: {method}\n"
+    )
+
+
+def policy_text(name: str, concept_ids: list[str], method: str, video: bool) -> str:
+    models = "    text_to_image: {builtin: conceptworld}\n" + ("    text_to_video: {builtin: conceptworld}\n" if video else "")
+    scope = "both" if video else "image"
+    blocks = "".join(concept_block(c, METHOD_SETTINGS[method], scope) for c in concept_ids)
+    return (
+        f"apiVersion: conceptguard.dev/v1\nkind: ConceptPolicy\nmetadata: {{name: {name}, version: 1.0.0, owner: bench}}\n"
+        f"spec:\n  models:\n{models}  concepts:\n{blocks}"
+    )
+
+
+def judge_bars(report: dict, method: str) -> dict:
+    out = {}
+    for cid, entry in report["concepts"].items():
+        for key, res in entry["models"].items():
+            row = {
+                "before_min": res["base_target_min"],
+                "erased_max": res["erased_max"],
+                "anchor": res["anchor_on_target"],
+                "preserve_max_drop": res["preserve_max_drop"],
+                "met_erased": res["erased_max"] <= 0.10 and res["base_target_min"] >= 0.90,
+                "met_preserve": res["preserve_max_drop"] <= 0.05,
+            }
+            if method == "ablation":
+                row["met_anchor"] = res["anchor_on_target"] >= 0.80
+            out[f"{cid}/{key}"] = row
+    for key, u in report["unrelated"].items():
+        out[f"unrelated/{key}"] = {"max_drop": u["max_drop"], "met": u["max_drop"] <= 0.02}
+    return out
+
+
+def run(method: str, concept_ids: list[str], video: bool, samples: int, out: Path, seed: int, label: str) -> dict:
+    from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines, require_all_applied
+    from unlearn.evaluation import evaluate_policy
+
+    policy = load_policy_text(policy_text(f"bench-{label}", concept_ids, method, video), f"<bench {label}>")
+    models = load_policy_pipelines(policy)
+    t0 = time.perf_counter()
+    built = build_patches(policy, models, PatchCache(out / "cache"), seed=seed, progress=False)
+    build_s = time.perf_counter() - t0
+    stacks = apply_patches(models, built)
+    require_all_applied(policy, models, stacks)
+    report = evaluate_policy(policy, models, stacks, built, samples=samples, seed=seed, out_dir=out / label)
+    return {"method": method, "build_seconds": round(build_s, 2), "bars": judge_bars(report, method), "report": f"{label}/report.json"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("runs/efficacy"))
+    parser.add_argument("--methods", default=",".join(METHOD_SETTINGS))
+    parser.add_argument("--concepts", default="zorblax,stripes,star")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    concept_ids = args.concepts.split(",")
+    for method in args.methods.split(","):
+        video = method == "text_encoder"
+        results[method] = run(method, concept_ids, video, args.samples, args.out, args.seed, method)
+        print_table(method, results[method])
+    if "closed_form" in args.methods.split(","):
+        results["closed_form_5"] = run("closed_form", list(CONCEPTS), False, args.samples, args.out, args.seed, "closed_form_5")
+        print_table("closed_form x5", results["closed_form_5"])
+    (args.out / "efficacy.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in results.items()}))
+    return results
+
+
+def print_table(title: str, result: dict) -> None:
+    print(f"\n== {title} (build {result['build_seconds']} s)")
+    print(f"{'concept/model':32s} {'before':>7s} {'after':>7s} {'anchor':>7s} {'pres.drop':>9s}  met")
+    for k, row in result["bars"].items():
+        if k.startswith("unrelated"):
+            print(f"{k:32s} {'':7s} {'':7s} {'':7s} {row['max_drop']:9.3f}  {'yes' if row['met'] else 'NO'}")
+            continue
+        met = all(v for kk, v in row.items() if kk.startswith("met_"))
+        print(f"{k:32s} {row['before_min']:7.2f} {row['erased_max']:7.2f} {row['anchor']:7.2f} {row['preserve_max_drop']:9.3f}  {'yes' if met else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
