@@ -1,0 +1,135 @@
+"""Serving overhead and replica start-up on this CPU, in one run.
+
+    python bench/serve.py [--clients 4] [--requests 64] [--out runs/bench_serve.json]
+
+1. Throughput and p50/p99 latency of ``POST /v1/images`` (real Ray Serve app, local Ray,
+   ConceptWorld + the demo policy's patches) under concurrent clients, against calling the same
+   patched pipeline in-process from the same number of threads. Bar: overhead <= 10% once the
+   CPU is saturated.
+2. Replica start-up: constructing a replica's model with all patches in the cache, against
+   loading the same pipeline with no policy. Bar: <= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ["a red star on stripes", "zorblax on dots", "a blue circle on a checkerboard", "a yellow cross on a plain background"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summarize(latencies: list[float], wall: float) -> dict:
+    return {
+        "requests": len(latencies),
+        "throughput_rps": len(latencies) / wall,
+        "p50_s": percentile(latencies, 0.5),
+        "p99_s": percentile(latencies, 0.99),
+        "mean_s": statistics.mean(latencies),
+    }
+
+
+def load_run(fn, clients: int, requests: int) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        t0 = time.perf_counter()
+        fn(i)
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+
+    for i in range(clients):  # warm-up
+        fn(i)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(requests)))
+    return summarize(latencies, time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_serve.json"))
+    args = parser.parse_args(argv)
+    cache = tempfile.mkdtemp(prefix="conceptguard-bench-cache-")
+    policy_path = ROOT / "policies" / "conceptworld-demo.yaml"
+    results: dict = {"clients": args.clients}
+
+    # --- replica start-up: cached patches vs no policy -----------------------------------------
+    from serve.model import PatchedModel
+    from unlearn.engine import load_pipeline
+    from policies import load_policy
+
+    policy_yaml = policy_path.read_text()
+    t0 = time.perf_counter()
+    model = PatchedModel("text_to_image", policy_yaml, cache_dir=cache)  # builds the patches once
+    results["first_start_with_builds_s"] = time.perf_counter() - t0
+    del model
+    starts_cached, starts_plain = [], []
+    src = load_policy(policy_path).spec.models.text_to_image
+    for _ in range(3):
+        t0 = time.perf_counter()
+        load_pipeline("text_to_image", src)
+        starts_plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model = PatchedModel("text_to_image", policy_yaml, cache_dir=cache)
+        starts_cached.append(time.perf_counter() - t0)
+    results["start_no_policy_s"] = statistics.median(starts_plain)
+    results["start_cached_patches_s"] = statistics.median(starts_cached)
+    ratio = results["start_cached_patches_s"] / results["start_no_policy_s"]
+    results["start_ratio"] = {"measured": ratio, "bar": 1.2, "met": ratio <= 1.2}
+
+    # --- in-process baseline: the same patched pipeline, same concurrency -------------------------
+    def in_process(i: int) -> None:
+        model.generate([{"prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}])
+
+    results["in_process"] = load_run(in_process, args.clients, args.requests)
+
+    # --- through HTTP -----------------------------------------------------------------------------
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import ServeSettings, build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="conceptguard-bench")
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    settings = ServeSettings(policy=str(policy_path), cache_dir=cache, num_cpus=1)
+    serve.run(build_app(settings), name="conceptguard", route_prefix="/")
+    client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients * 2))
+    url = f"http://127.0.0.1:{args.port}/v1/images"
+
+    def over_http(i: int) -> None:
+        r = client.post(url, json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
+        r.raise_for_status()
+
+    results["http"] = load_run(over_http, args.clients, args.requests)
+    serve.shutdown()
+    ray.shutdown()
+    overhead = results["in_process"]["throughput_rps"] / results["http"]["throughput_rps"] - 1
+    results["throughput_overhead"] = {"measured": overhead, "bar": 0.10, "met": overhead <= 0.10}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
