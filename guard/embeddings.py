@@ -175,21 +175,22 @@ def _placeholder_ids(tokenizer, prompt: str, embeddings: Sequence[TextualInversi
     return torch.tensor([ids]), splices
 
 
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str, embeddings: Sequence[TextualInversion] = ()) -> torch.Tensor:
-    """Prompt embeddings for one request with its textual-inversion vectors spliced in.
+def encode_prompts(pipe, prompts: Sequence[str], embeddings: Sequence[TextualInversion] = ()) -> torch.Tensor:
+    """Prompt embeddings with textual-inversion vectors spliced in (differentiable in them).
 
     The vectors enter through a forward hook on the token embedding that exists only during
     this call; the pipeline's weights and tokenizer are never changed.
     """
     te = pipe.text_encoder
-    ids, splices = _placeholder_ids(pipe.tokenizer, prompt, embeddings)
+    rows = [_placeholder_ids(pipe.tokenizer, p, embeddings) for p in prompts]
+    ids = torch.cat([r[0] for r in rows])
+    splices = [(b, i, v) for b, (_, sp) in enumerate(rows) for i, v in sp]
     layer = te.get_input_embeddings()
 
     def splice(module, inputs, output):
         output = output.clone()
-        for i, v in splices:
-            output[0, i] = v.to(output.dtype)
+        for b, i, v in splices:
+            output[b, i] = v.to(output.dtype)
         return output
 
     handle = layer.register_forward_hook(splice) if splices else None
@@ -198,3 +199,9 @@ def encode_prompt(pipe, prompt: str, embeddings: Sequence[TextualInversion] = ()
     finally:
         if handle is not None:
             handle.remove()
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str, embeddings: Sequence[TextualInversion] = ()) -> torch.Tensor:
+    """:func:`encode_prompts` for one request's prompt, without gradients."""
+    return encode_prompts(pipe, [prompt], embeddings)

@@ -340,9 +340,34 @@ class ConceptTarget(_Strict):
 
 
 class GuardSpec(_Strict):
-    """Request-time screening for this concept (placeholder; more settings will follow)."""
+    """Request-time screening for this concept: prompts, and user textual-inversion embeddings
+    that are triggered (Wu et al., 2023) or that restore the removed concept (Pham et al., 2024)."""
 
-    enabled: bool = Field(default=False, description="Screen prompts for this concept at request time.")
+    enabled: bool = Field(default=True, description="Screen requests for this concept.")
+    action: Literal["block", "censor", "flag"] = Field(
+        default="flag",
+        description="What a hit does: 'block' answers 4xx with the reason, 'censor' returns the censored image, 'flag' serves and marks the response.",
+    )
+    triggers: list[Text] = Field(
+        default_factory=list,
+        description="Words that must not be combined with a user embedding (e.g. 'on fire'); synonyms and misspellings match too.",
+    )
+    blocked_terms: list[Text] = Field(
+        default_factory=list, description="Prompt terms screened even without an embedding; synonyms and misspellings match too."
+    )
+    synonym_similarity: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Text-encoder cosine similarity at or above which a word counts as a synonym of a term."
+    )
+    max_edit_distance: int = Field(default=1, ge=0, le=3, description="Letters a misspelling may differ from a term by (terms of 5+ letters).")
+    detect_restoring: bool = Field(
+        default=True, description="Flag user embeddings whose conditioning is close to this removed concept (concept inversion)."
+    )
+    restoring_similarity: float = Field(
+        default=0.8, gt=0.0, le=1.0, description="Similarity of an embedding's conditioning to the removed concept's at or above which it counts as restoring."
+    )
+    probe_samples: int = Field(
+        default=0, ge=0, le=16, description="Images generated with a new embedding and judged, to confirm restoring (0: off)."
+    )
 
 
 class ConceptSpec(_Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,6 +15,25 @@ def _dims(v: int | None, name: str) -> int | None:
     if v is not None and v % 8:
         raise ValueError(f"{name} has to be divisible by 8 but is {v}")
     return v
+
+
+class EmbeddingUpload(BaseModel):
+    """A user textual-inversion embedding attached to a request (safetensors, .bin or .pt bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Annotated[str, Field(max_length=2_000_000, description="The file, base64-encoded (at most 1 MiB decoded).")]
+    token: Annotated[str | None, Field(max_length=64, description="The token the prompt uses for it; default: the one in the file.")] = None
+    name: Annotated[str | None, Field(max_length=128, description="A name for messages and logs.")] = None
+
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, v: str) -> str:
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("data is not valid base64") from None
+        return v
 
 
 class ImageRequest(BaseModel):
@@ -29,6 +50,7 @@ class ImageRequest(BaseModel):
     width: Annotated[int | None, Field(ge=8, le=1024, description="Width in pixels, a multiple of 8; default: the model's.")] = None
     height: Annotated[int | None, Field(ge=8, le=1024, description="Height in pixels, a multiple of 8; default: the model's.")] = None
     response_format: Annotated[Literal["b64_json", "png"], Field(description="JSON with base64 PNGs, or the first image as image/png.")] = "b64_json"
+    embeddings: Annotated[list[EmbeddingUpload], Field(max_length=4, description="Textual-inversion embeddings for this request only.")] = []
 
     @field_validator("prompt")
     @classmethod
@@ -58,6 +80,15 @@ class VideoRequest(ImageRequest):
     response_format: Annotated[Literal["b64_json", "binary"], Field(description="JSON with base64 files, or the first clip as a file.")] = "b64_json"
 
 
+class ScanRequest(BaseModel):
+    """``POST /v1/embeddings/scan``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: EmbeddingUpload
+    prompt: Annotated[str | None, Field(max_length=MAX_PROMPT_CHARS, description="Also check this prompt with the embedding.")] = None
+
+
 class GeneratedFile(BaseModel):
     b64: str = Field(description="The file, base64-encoded.")
     media_type: str
@@ -67,6 +98,7 @@ class GenerationResponse(BaseModel):
     data: list[GeneratedFile]
     policy: str = Field(description="Name of the policy in force.")
     policy_version: str = Field(description="Version of the policy in force.")
+    guard: dict = Field(default_factory=dict, description="The guard's verdict: action and reasons.")
 
 
 class ErrorBody(BaseModel):

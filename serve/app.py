@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .api import ErrorResponse, GenerationResponse, ImageRequest, VideoRequest
+from .api import ErrorResponse, GenerationResponse, ImageRequest, ScanRequest, VideoRequest
 from .metrics import Metrics
 
 logger = logging.getLogger("conceptguard.serve")
@@ -97,6 +97,9 @@ class _ModelDeployment:
     def check_health(self) -> None:
         if self.model is None or self.model.active is None:
             raise RuntimeError(f"{self.kind} replica has no verified policy in force: {self.error or 'not configured'}")
+
+    def scan(self, embedding: dict, prompt: str | None = None) -> dict:
+        return self.model.scan(embedding, prompt)
 
     def info(self) -> dict:
         if self.model is None:
@@ -212,8 +215,17 @@ class Gateway:
             self._batching_set = True
         payload = req.model_dump()  # width/height None: the pipeline's default size
         result = await handle.generate.remote(payload)
+        guard = result.get("guard") or {}
+        for reason in guard.get("reasons", []):
+            self.metrics.guard.labels(guard["action"], reason["kind"], reason["concept"]).inc()
+        if "guard_seconds" in result:
+            self.metrics.guard_latency.observe(result["guard_seconds"])
         if "error" in result:
-            message = result["error"]
+            message, status = result["error"], result.get("status")
+            if status == 400:
+                return self._error(endpoint, 400, "embedding_rejected", message, "embeddings")
+            if status == 403:
+                return self._error(endpoint, 403, "blocked", message)
             status = 503 if message.startswith("NotReadyError") else 500
             return self._error(endpoint, status, "generation_failed", message.split(":", 1)[-1].strip() if status == 503 else "the model failed on this request; it was logged")
         self.metrics.generation.labels(endpoint).observe(result["generation_seconds"])
@@ -221,7 +233,20 @@ class Gateway:
         return result
 
     def _headers(self, result: dict) -> dict:
-        return {"X-Policy-Version": result["policy_version"]}
+        headers = {"X-Policy-Version": result["policy_version"]}
+        guard = result.get("guard") or {}
+        if guard.get("action", "allow") != "allow":
+            headers["X-Guard-Action"] = guard["action"]
+            headers["X-Guard-Concepts"] = ",".join(sorted({r["concept"] for r in guard["reasons"]}))
+        return headers
+
+    def _body(self, files: list[bytes], media: str, result: dict) -> dict:
+        return {
+            "data": [{"b64": base64.b64encode(f).decode(), "media_type": media} for f in files],
+            "policy": result.get("policy", ""),
+            "policy_version": result["policy_version"],
+            "guard": result.get("guard") or {},
+        }
 
     @api.post("/v1/images", response_model=GenerationResponse, responses={200: {"content": {"image/png": {}}}})
     async def images(self, req: ImageRequest):
@@ -235,8 +260,7 @@ class Gateway:
         pngs = [_png(a) for a in result["arrays"]]
         if req.response_format == "png":
             return Response(content=pngs[0], media_type="image/png", headers=self._headers(result))
-        body = {"data": [{"b64": base64.b64encode(p).decode(), "media_type": "image/png"} for p in pngs], "policy": result.get("policy", ""), "policy_version": result["policy_version"]}
-        return JSONResponse(body, headers=self._headers(result))
+        return JSONResponse(self._body(pngs, "image/png", result), headers=self._headers(result))
 
     @api.post("/v1/videos", response_model=GenerationResponse, responses={200: {"content": {"image/gif": {}, "video/mp4": {}}}})
     async def videos(self, req: VideoRequest):
@@ -251,8 +275,17 @@ class Gateway:
         self.metrics.requests.labels("/v1/videos", "200").inc()
         if req.response_format == "binary":
             return Response(content=files[0], media_type=media, headers=self._headers(result))
-        body = {"data": [{"b64": base64.b64encode(f).decode(), "media_type": media} for f in files], "policy": result.get("policy", ""), "policy_version": result["policy_version"]}
-        return JSONResponse(body, headers=self._headers(result))
+        return JSONResponse(self._body(files, media, result), headers=self._headers(result))
+
+    @api.post("/v1/embeddings/scan")
+    async def scan(self, req: ScanRequest) -> dict:
+        """Review an embedding offline: is it loadable, and what would the guard do with it?"""
+        handle = self.handles["text_to_image"] or self.handles["text_to_video"]
+        result = await handle.scan.remote(req.embedding.model_dump(), req.prompt)
+        outcome = "rejected" if not result["accepted"] else result["verdict"]["action"]
+        self.metrics.scans.labels(outcome).inc()
+        self.metrics.requests.labels("/v1/embeddings/scan", "200").inc()
+        return result
 
     @api.get("/v1/policy")
     async def policy(self) -> dict:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from guard.cli import guard_app
 from policies.cli import policy_app
 from unlearn.cli import eval_command, unlearn_app
 
@@ -20,6 +21,7 @@ world_app = typer.Typer(help="The bundled ConceptWorld models and their judge.",
 app.add_typer(world_app, name="world")
 app.add_typer(policy_app, name="policy", help="Validate, explain and compare concept-removal policies.")
 app.add_typer(unlearn_app, name="unlearn")
+app.add_typer(guard_app, name="guard")
 app.command("eval")(eval_command)
 
 

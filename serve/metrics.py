@@ -25,7 +25,9 @@ class Metrics:
         self.build_seconds = Gauge("conceptguard_patch_build_seconds", "Seconds spent building or fetching the patches of each concept.", ["model", "concept"], registry=r)
         self.apply_seconds = Gauge("conceptguard_patch_apply_seconds", "Seconds spent applying and verifying the policy's patches.", ["model"], registry=r)
         self.policy = Gauge("conceptguard_policy_info", "The policy in force (value 1), by name and version.", ["model", "policy", "version"], registry=r)
-        self.guard = Counter("conceptguard_guard_decisions_total", "Guard decisions by action, reason and concept.", ["action", "reason", "concept"], registry=r)
+        self.guard = Counter("conceptguard_guard_decisions_total", "Guard hits by action taken, reason and concept.", ["action", "reason", "concept"], registry=r)
+        self.guard_latency = Histogram("conceptguard_guard_duration_seconds", "Guard time per request (embedding loading and checks).", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
+        self.scans = Counter("conceptguard_embedding_scans_total", "Embedding scans by outcome (allow, flag, censor, block, rejected).", ["outcome"], registry=r)
 
     def observe_replica(self, model: str, info: dict | None) -> None:
         """Refresh the replica-side gauges from a model deployment's ``info()``."""

@@ -10,6 +10,7 @@ anything fails, the old policy keeps serving.
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import threading
@@ -49,6 +50,7 @@ class ActivePolicy:
     applied_at: float
     build_seconds: float
     apply_seconds: float
+    guard: object = None  # guard.detect.Guard for the concepts with a guard section
 
     def describe(self) -> dict:
         return {
@@ -190,7 +192,32 @@ class PatchedModel:
             stacks[self.kind].remove_all()
             raise
         infos = [PatchInfo(b.patch.patch_id, b.job.method, [c.id for c in b.job.concepts], "built" if b.built else "cache", round(b.seconds, 3)) for b in built]
-        return ActivePolicy(policy, stacks[self.kind], infos, time.time(), sum(b.seconds for b in built), time.perf_counter() - t0)
+        guard = self._make_guard(policy, stacks[self.kind])
+        return ActivePolicy(policy, stacks[self.kind], infos, time.time(), sum(b.seconds for b in built), time.perf_counter() - t0, guard)
+
+    def _make_guard(self, policy: Policy, stack: PatchStack):
+        from guard.detect import Guard
+
+        if not any(c.guard is not None and c.guard.enabled for c in policy.spec.concepts):
+            return None
+        probe = self._judge_probe if (self.kind == "text_to_image" and self.source.builtin == "conceptworld") else None
+        return Guard(policy, self.pipe, stack, probe=probe)
+
+    def _judge_probe(self, ti, concept) -> bool:
+        """Confirm a restoring embedding: a few images of its token, judged by ConceptWorld's judge."""
+        from guard.embeddings import encode_prompt
+        from unlearn.evaluation import concept_attributes, judge_hits
+
+        n = concept.guard.probe_samples
+        emb = encode_prompt(self.pipe, ti.token, [ti]).repeat(n, 1, 1)
+        neg = encode_prompt(self.pipe, "").repeat(n, 1, 1)
+        images = self.pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images
+        signature, _ = concept_attributes(concept)
+        return judge_hits(images, signature) >= 0.5
+
+    @property
+    def guard(self):
+        return self.active.guard if self.active else None
 
     # ---- serving ----------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -203,46 +230,99 @@ class PatchedModel:
             "generation_seconds": round(self.stats.generation_seconds, 4),
         }
 
+    def _embeddings(self, request: dict) -> list:
+        """The request's textual-inversion embeddings, loaded safely (raises EmbeddingRejected)."""
+        from guard.embeddings import load_embedding
+
+        out = []
+        for i, e in enumerate(request.get("embeddings") or []):
+            out.append(load_embedding(base64.b64decode(e["data"]), self.pipe.tokenizer, self.pipe.text_encoder, token=e.get("token"), name=e.get("name") or f"embeddings[{i}]"))
+        return out
+
+    def scan(self, embedding: dict, prompt: str | None = None) -> dict:
+        """Offline review of one embedding: load it safely and run the guard on it."""
+        from guard.detect import Verdict
+        from guard.embeddings import EmbeddingRejected
+
+        try:
+            (ti,) = self._embeddings({"embeddings": [embedding]})
+        except EmbeddingRejected as e:
+            return {"accepted": False, "reason": str(e)}
+        with self.lock:
+            verdict = self.guard.check(prompt or ti.token, [ti]) if self.guard else Verdict("allow")
+        return {"accepted": True, "token": ti.token, "format": ti.source_format, "vectors": ti.num_vectors, "verdict": verdict.to_dict()}
+
     def generate(self, requests: list[dict]) -> list[dict]:
         """Run a batch of compatible requests (same steps, guidance, size, frames) in one call.
 
-        Each request: prompt, negative_prompt, n, steps, guidance, seed, width, height
-        (+ num_frames for video). Returns per request the arrays in [0, 1] and the policy version.
+        Each request: prompt, negative_prompt, n, steps, guidance, seed, width, height,
+        optional embeddings (+ num_frames for video). Every request is screened by the guard
+        first: a blocked one gets its reasons, a censored one the censor card; the others are
+        generated together, each with its own embeddings (never shared with the others).
         """
+        from guard.detect import Verdict
+        from guard.embeddings import EmbeddingRejected, encode_prompt
+        from guard.ti import censor_card
+
         if not requests:
             return []
         first = requests[0]
-        prompts, negatives, generators, owners = [], [], [], []
-        for i, r in enumerate(requests):
-            for k in range(r["n"]):
-                prompts.append(r["prompt"])
-                negatives.append(r.get("negative_prompt") or "")
-                generators.append(torch.Generator().manual_seed(r["seed"] + k))
-                owners.append(i)
-        kwargs = dict(
-            prompt=prompts,
-            negative_prompt=negatives,
-            num_inference_steps=first["steps"],
-            guidance_scale=first["guidance"],
-            generator=generators,
-            width=first["width"],
-            height=first["height"],
-            output_type="np",
-        )
+        results: list[dict] = [{"arrays": [], "guard": Verdict("allow").to_dict()} for _ in requests]
         with self.lock:
             if self.active is None:
                 raise NotReadyError(self.last_error or "no policy in force")
             name, version = self.active.policy.metadata.name, self.active.policy.metadata.version
+            todo = []
+            for i, r in enumerate(requests):
+                t0 = time.perf_counter()
+                try:
+                    embeddings = self._embeddings(r)
+                except EmbeddingRejected as e:
+                    results[i].update(error=str(e), status=400)
+                    continue
+                verdict = self.guard.check(r["prompt"], embeddings) if self.guard else Verdict("allow")
+                results[i]["guard"] = verdict.to_dict()
+                results[i]["guard_seconds"] = time.perf_counter() - t0
+                if verdict.action == "block":
+                    results[i].update(error="blocked by policy: " + "; ".join(x.detail for x in verdict.reasons), status=403)
+                elif verdict.action == "censor":
+                    size = r["width"] or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+                    card = censor_card(r["n"] * (r.get("num_frames") or 1), size)
+                    results[i]["arrays"] = list(card.reshape(r["n"], -1, size, size, 3)) if self.kind == "text_to_video" else list(card)
+                else:
+                    todo.append((i, embeddings))
             t0 = time.perf_counter()
-            if self.kind == "text_to_video":
-                out = np.asarray(self.pipe(num_frames=first["num_frames"], **kwargs).frames)
-            else:
-                out = self.pipe(**kwargs).images
+            if todo:
+                pos, neg, generators, owners = [], [], [], []
+                for i, embeddings in todo:
+                    r = requests[i]
+                    p = encode_prompt(self.pipe, r["prompt"], embeddings)
+                    q = encode_prompt(self.pipe, r.get("negative_prompt") or "", embeddings)
+                    for k in range(r["n"]):
+                        pos.append(p)
+                        neg.append(q)
+                        generators.append(torch.Generator().manual_seed(r["seed"] + k))
+                        owners.append(i)
+                kwargs = dict(
+                    prompt_embeds=torch.cat(pos),
+                    negative_prompt_embeds=torch.cat(neg),
+                    num_inference_steps=first["steps"],
+                    guidance_scale=first["guidance"],
+                    generator=generators,
+                    width=first["width"],
+                    height=first["height"],
+                    output_type="np",
+                )
+                if self.kind == "text_to_video":
+                    out = np.asarray(self.pipe(num_frames=first["num_frames"], **kwargs).frames)
+                else:
+                    out = self.pipe(**kwargs).images
+                for owner, arr in zip(owners, out):
+                    results[owner]["arrays"].append(arr)
             dt = time.perf_counter() - t0
         self.stats.generations += 1
         self.stats.generation_seconds += dt
         self.stats.batch_sizes.append(len(requests))
-        results = [{"arrays": [], "policy": name, "policy_version": version, "generation_seconds": dt, "batch_size": len(requests)} for _ in requests]
-        for owner, arr in zip(owners, out):
-            results[owner]["arrays"].append(arr)
+        for res in results:
+            res.update(policy=name, policy_version=version, generation_seconds=dt, batch_size=len(requests))
         return results

@@ -1,0 +1,231 @@
+"""Per-request detection: prompt screening, triggered embeddings, concept-restoring embeddings.
+
+- *prompt screening*: a policy's ``blocked_terms`` in the prompt, by exact phrase, by
+  misspelling (edit distance) and by synonym (a vocabulary word whose text-encoder output is
+  close to the term's; the synonym sets are computed once, when the guard is built);
+- *triggered*: a user embedding's token together with one of the concept's ``triggers``
+  (same matching) -- the serving-time side of backdoor censorship (Wu et al., 2023,
+  "Backdooring Textual Inversion for Concept Censorship");
+- *restoring*: an embedding whose conditioning -- the cross-attention values the patched UNet
+  computes from it -- is close to the conditioning the *base* model computed for a removed
+  concept, and closer to it than to the concept's anchor: the signature of concept inversion
+  (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"). Optionally confirmed by a
+  short probe generation judged by a classifier.
+
+Embedding scans are cached by content hash, so a request pays for a scan once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .embeddings import TextualInversion, encode_prompt
+
+ACTION_RANK = {"allow": 0, "flag": 1, "censor": 2, "block": 3}
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reason:
+    kind: str  # "blocked_term" | "trigger" | "restoring"
+    concept: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    action: str
+    reasons: tuple[Reason, ...] = ()
+
+    @property
+    def concepts(self) -> list[str]:
+        return sorted({r.concept for r in self.reasons})
+
+    def to_dict(self) -> dict:
+        return {"action": self.action, "reasons": [dataclasses.asdict(r) for r in self.reasons]}
+
+
+def edit_distance(a: str, b: str, cap: int = 3) -> int:
+    """Damerau-Levenshtein (optimal string alignment) distance, stopping early past ``cap``."""
+    if abs(len(a) - len(b)) > cap:
+        return cap + 1
+    prev2, prev = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if prev2 is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > cap:
+            return cap + 1
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+class TermMatcher:
+    """Finds a set of terms in prompts: exact phrases, misspellings, and synonyms."""
+
+    def __init__(self, terms: Sequence[str], synonyms: dict[str, set[str]], max_edit: int):
+        self.terms = [tuple(_WORD.findall(t.lower())) for t in terms]
+        self.synonyms = synonyms  # single-word term -> words with a close text-encoder output
+        self.max_edit = max_edit
+
+    def _word_hit(self, term: str, word: str) -> str | None:
+        if word == term:
+            return "exact"
+        if word in self.synonyms.get(term, ()):
+            return f"synonym of {term!r}"
+        if self.max_edit and len(term) >= 5 and edit_distance(word, term, self.max_edit) <= self.max_edit:
+            return f"misspelling of {term!r}"
+        return None
+
+    def find(self, words: Sequence[str]) -> list[str]:
+        hits = []
+        for term in self.terms:
+            n = len(term)
+            for i in range(len(words) - n + 1):
+                kinds = [self._word_hit(t, w) for t, w in zip(term, words[i : i + n])]
+                if all(kinds):
+                    how = next((k for k in kinds if k != "exact"), "exact")
+                    hits.append(f"{' '.join(words[i:i + n])!r} ({how})" if how != "exact" else repr(" ".join(term)))
+                    break
+        return hits
+
+
+class Guard:
+    """Screens requests for the concepts of a policy whose ``guard`` is enabled.
+
+    ``pipe`` is the pipeline as served (patches in force) and ``stack`` its
+    :class:`~unlearn.patch.PatchStack`; the base model's conditioning for each concept is
+    computed once here, with the patches lifted for the duration.
+    """
+
+    def __init__(self, policy, pipe, stack=None, *, probe: Callable | None = None):
+        self.pipe = pipe
+        self.concepts = [c for c in policy.spec.concepts if c.guard is not None and c.guard.enabled]
+        self.probe = probe
+        self._scans: dict[str, tuple[Reason, ...]] = {}
+        self._lock = threading.Lock()
+        self.vocab_words = self._vocabulary_words()
+        self.matchers = {}
+        with torch.no_grad():
+            word_sigs = self._word_signatures(self.vocab_words) if self.concepts else None
+            for c in self.concepts:
+                terms = list(dict.fromkeys([*c.guard.triggers, *c.guard.blocked_terms]))
+                syn = self._synonyms(terms, word_sigs, c.guard.synonym_similarity)
+                self.matchers[c.id] = (
+                    TermMatcher(c.guard.triggers, syn, c.guard.max_edit_distance),
+                    TermMatcher(c.guard.blocked_terms, syn, c.guard.max_edit_distance),
+                )
+            self.base_signatures = self._base_signatures(stack)
+
+    # ---- text-encoder similarity -------------------------------------------------------------
+    def _vocabulary_words(self) -> list[str]:
+        words = []
+        for tok in self.pipe.tokenizer.get_vocab():
+            if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) > 6:
+                words.append(tok[:-4])
+        return sorted(words)
+
+    def _word_signatures(self, words: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(words), 256):
+            out.append(self._text_signature(words[i : i + 256]))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _text_signature(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean text-encoder output over each text's content tokens and EOS, unit norm."""
+        tok = self.pipe.tokenizer
+        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        h = self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0].float().cpu()
+        eos = (ids == tok.eos_token_id).int().argmax(1)
+        mask = (torch.arange(ids.shape[1])[None] >= 1) & (torch.arange(ids.shape[1])[None] <= eos[:, None])
+        sig = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(sig, dim=-1)
+
+    def _synonyms(self, terms: Sequence[str], word_sigs, threshold: float) -> dict[str, set[str]]:
+        single = [t.lower() for t in terms if len(_WORD.findall(t.lower())) == 1]
+        if not single or word_sigs is None or not len(word_sigs):
+            return {}
+        sims = self._text_signature(single) @ word_sigs.T
+        return {t: {self.vocab_words[j] for j in torch.nonzero(sims[i] >= threshold).flatten().tolist()} - {t} for i, t in enumerate(single)}
+
+    # ---- conditioning signatures (restoring) --------------------------------------------------
+    def _value_layers(self) -> list[torch.nn.Module]:
+        return [m.to_v for name, m in self.pipe.unet.named_modules() if name.endswith("attn2")]
+
+    def _conditioning(self, prompt_embeds: torch.Tensor, length: int) -> torch.Tensor:
+        """Cross-attention values over the content tokens and EOS, all layers, unit norm."""
+        h = prompt_embeds[0, 1 : length + 1]
+        parts = [layer(h.to(layer.weight.dtype)).float().mean(0) for layer in self._value_layers()]
+        return torch.nn.functional.normalize(torch.cat(parts).cpu(), dim=0)
+
+    def _prompt_conditioning(self, prompt: str, embeddings: Sequence[TextualInversion] = ()) -> torch.Tensor:
+        from .embeddings import _placeholder_ids
+
+        ids, _ = _placeholder_ids(self.pipe.tokenizer, prompt, embeddings)
+        length = int((ids[0] == self.pipe.tokenizer.eos_token_id).int().argmax())
+        return self._conditioning(encode_prompt(self.pipe, prompt, embeddings), length)
+
+    def _base_signatures(self, stack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        wanted = [c for c in self.concepts if c.guard.detect_restoring]
+        if not wanted:
+            return {}
+        applied = list(stack.applied) if stack is not None else []
+        if stack is not None:
+            stack.remove_all()
+        try:
+            return {c.id: (self._prompt_conditioning(c.target.text), self._prompt_conditioning(c.anchor)) for c in wanted}
+        finally:
+            if stack is not None:
+                stack.apply_all(applied)
+
+    # ---- checks ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def scan_embedding(self, ti: TextualInversion) -> tuple[Reason, ...]:
+        """Reasons this embedding restores a removed concept (cached by content hash)."""
+        key = hashlib.sha256(ti.token.encode() + ti.vectors.numpy().tobytes()).hexdigest()
+        with self._lock:
+            if key in self._scans:
+                return self._scans[key]
+        reasons = []
+        if self.base_signatures:
+            sig = self._prompt_conditioning(ti.token, [ti])
+            for c in self.concepts:
+                if c.id not in self.base_signatures:
+                    continue
+                target, anchor = self.base_signatures[c.id]
+                s_t, s_a = float(sig @ target), float(sig @ anchor)
+                if s_t >= c.guard.restoring_similarity and s_t > s_a:
+                    confirmed = self.probe(ti, c) if (self.probe and c.guard.probe_samples) else None
+                    if confirmed is False:
+                        continue
+                    reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} conditions like {c.target.text!r} (similarity {s_t:.2f} vs anchor {s_a:.2f})"))
+        with self._lock:
+            self._scans[key] = tuple(reasons)
+        return tuple(reasons)
+
+    def check(self, prompt: str, embeddings: Sequence[TextualInversion] = ()) -> Verdict:
+        words = _WORD.findall(prompt.lower())
+        reasons: list[Reason] = []
+        present = [e for e in embeddings if e.token in prompt]
+        for c in self.concepts:
+            trig, blocked = self.matchers[c.id]
+            for hit in blocked.find(words):
+                reasons.append(Reason("blocked_term", c.id, f"prompt contains {hit}"))
+            if present:
+                for hit in trig.find(words):
+                    reasons.append(Reason("trigger", c.id, f"embedding {present[0].token!r} used with trigger {hit}"))
+        for e in embeddings:
+            reasons.extend(self.scan_embedding(e))
+        if not reasons:
+            return Verdict("allow")
+        actions = {c.id: c.guard.action for c in self.concepts}
+        action = max((actions[r.concept] for r in reasons), key=ACTION_RANK.__getitem__)
+        return Verdict(action, tuple(reasons))
