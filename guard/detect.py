@@ -116,6 +116,10 @@ class Guard:
         self.matchers = {}
         with torch.no_grad():
             word_sigs = self._word_signatures(self.vocab_words) if self.concepts else None
+            # centre on the vocabulary's mean: what all words share says nothing about meaning
+            self._centre = word_sigs.mean(0) if word_sigs is not None and len(word_sigs) else None
+            if self._centre is not None:
+                word_sigs = torch.nn.functional.normalize(word_sigs - self._centre, dim=-1)
             for c in self.concepts:
                 terms = list(dict.fromkeys([*c.guard.triggers, *c.guard.blocked_terms]))
                 syn = self._synonyms(terms, word_sigs, c.guard.synonym_similarity)
@@ -140,20 +144,19 @@ class Guard:
         return torch.cat(out) if out else torch.zeros(0)
 
     def _text_signature(self, texts: Sequence[str]) -> torch.Tensor:
-        """Mean text-encoder output over each text's content tokens and EOS, unit norm."""
+        """Mean text-encoder output over each text's content tokens and EOS (not normalised)."""
         tok = self.pipe.tokenizer
         ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         h = self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0].float().cpu()
         eos = (ids == tok.eos_token_id).int().argmax(1)
         mask = (torch.arange(ids.shape[1])[None] >= 1) & (torch.arange(ids.shape[1])[None] <= eos[:, None])
-        sig = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return torch.nn.functional.normalize(sig, dim=-1)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
     def _synonyms(self, terms: Sequence[str], word_sigs, threshold: float) -> dict[str, set[str]]:
         single = [t.lower() for t in terms if len(_WORD.findall(t.lower())) == 1]
         if not single or word_sigs is None or not len(word_sigs):
             return {}
-        sims = self._text_signature(single) @ word_sigs.T
+        sims = torch.nn.functional.normalize(self._text_signature(single) - self._centre, dim=-1) @ word_sigs.T
         return {t: {self.vocab_words[j] for j in torch.nonzero(sims[i] >= threshold).flatten().tolist()} - {t} for i, t in enumerate(single)}
 
     # ---- conditioning signatures (restoring) --------------------------------------------------
