@@ -9,8 +9,8 @@
 - *restoring*: an embedding whose conditioning -- the cross-attention values the patched UNet
   computes from it -- is close to the conditioning the *base* model computed for a removed
   concept, and closer to it than to the concept's anchor: the signature of concept inversion
-  (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"). Optionally confirmed by a
-  short probe generation judged by a classifier.
+  (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"); where the policy asks for
+  it, also a short probe generation with the embedding that a classifier finds positive.
 
 Embedding scans are cached by content hash, so a request pays for a scan once.
 """
@@ -206,10 +206,9 @@ class Guard:
                 target, anchor = self.base_signatures[c.id]
                 s_t, s_a = float(sig @ target), float(sig @ anchor)
                 if s_t >= c.guard.restoring_similarity and s_t > s_a:
-                    confirmed = self.probe(ti, c) if (self.probe and c.guard.probe_samples) else None
-                    if confirmed is False:
-                        continue
                     reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} conditions like {c.target.text!r} (similarity {s_t:.2f} vs anchor {s_a:.2f})"))
+                elif self.probe and c.guard.probe_samples and self.probe(ti, c):
+                    reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} draws {c.target.text!r} in a probe generation"))
         with self._lock:
             self._scans[key] = tuple(reasons)
         return tuple(reasons)

@@ -1,0 +1,46 @@
+"""CI-sized efficacy: each method removes one ConceptWorld concept, judged by the judge.
+
+The full measurement (every method on an instance, a style and an object, 64 samples per
+prompt, paraphrases and a misspelling) is ``bench/efficacy.py``; here each method gets one
+concept and fewer samples, with the same bars.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from efficacy import policy_text  # noqa: E402
+
+from policies import load_policy_text  # noqa: E402
+from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines  # noqa: E402
+from unlearn.evaluation import evaluate_policy  # noqa: E402
+
+SAMPLES = 24
+CASES = [
+    ("ablation", "zorblax", False),
+    ("forget_me_not", "stripes", False),
+    ("closed_form", "star", False),
+    ("text_encoder", "zorblax", True),
+]
+
+
+@pytest.mark.parametrize("method, concept, video", CASES, ids=[f"{m}-{c}" for m, c, _ in CASES])
+def test_method_removes_its_concept_and_keeps_neighbours(method, concept, video, tmp_path):
+    policy = load_policy_text(policy_text(f"ci-{method}", [concept], method, video), "<ci>")
+    models = load_policy_pipelines(policy)
+    built = build_patches(policy, models, PatchCache(tmp_path), progress=False)
+    stacks = apply_patches(models, built)
+    report = evaluate_policy(policy, models, stacks, built, samples=SAMPLES, seed=0)
+    for key, res in report["concepts"][concept]["models"].items():
+        assert res["base_target_min"] >= 0.90, (key, res["prompts"])
+        assert res["erased_max"] <= 0.10, (key, res["prompts"])
+        assert res["preserve_max_drop"] <= 0.05, (key, res["preserve"])
+        if method == "ablation":
+            assert res["anchor_on_target"] >= 0.80, (key, res["prompts"]["target"])
+    for key, u in report["unrelated"].items():
+        assert u["max_drop"] <= 0.02, (key, u["prompts"])
