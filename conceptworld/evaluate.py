@@ -44,10 +44,13 @@ def generate_images(pipe, prompt: str, n: int, steps: int, guidance: float, seed
 
 
 def generate_clips(pipe, prompt: str, n: int, steps: int, guidance: float, seed: int) -> np.ndarray:
-    """``n`` seeded clips of ``prompt`` as an ``(n, F, H, W, 3)`` float array in [0, 1]."""
+    """``n`` seeded clips of ``prompt`` as an ``(n, F, H, W, 3)`` float array in [0, 1].
+
+    ``AnimateDiffPipeline`` makes one clip per prompt (it ignores ``num_videos_per_prompt``),
+    so the prompt is repeated."""
     gen = torch.Generator().manual_seed(seed)
     out = pipe(
-        prompt, num_videos_per_prompt=n, num_frames=world.NUM_FRAMES, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np"
+        [prompt] * n, num_frames=world.NUM_FRAMES, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np"
     )
     return np.asarray(out.frames)
 

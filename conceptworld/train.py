@@ -37,6 +37,7 @@ TEXT_HIDDEN = 128
 UNET_CHANNELS = (64, 128)
 VAE_CHANNELS = (16, 32, 64)
 LATENT_CHANNELS = 4
+T2V_STEPS = 3000
 
 
 def log(msg: str) -> None:
@@ -343,6 +344,13 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
     return text_encoder.eval(), unet.eval()
 
 
+def motion_token_ids(tokenizer) -> list[int]:
+    """Token ids of the words that name a direction of motion (not the function words around them)."""
+    function_words = {"to", "the"}
+    words = {w for m in world.MOTIONS for phrase in world.SYNONYMS[m] for w in phrase.split()} - function_words
+    return sorted({i for w in words for i in tokenizer(w, add_special_tokens=False).input_ids})
+
+
 def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int):
     from diffusers import MotionAdapter, UNetMotionModel
 
@@ -359,12 +367,26 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
     model = UNetMotionModel.from_unet2d(unet, adapter).to(device)
     sched = noise_scheduler()
     mean, std = clip_latents  # (N, F, C, h, w)
-    motion_params = [p for n, p in model.named_parameters() if "motion_modules" in n]
-    spatial_params = [p for n, p in model.named_parameters() if "motion_modules" not in n]
-    opt = torch.optim.AdamW([{"params": motion_params, "lr": 5e-4}, {"params": spatial_params, "lr": 1e-4}], weight_decay=1e-2)
-    base_lrs = [5e-4, 1e-4]
-    ema = EMA([model], decay=0.998)
+    # Motion modules see no text, so the direction of motion can only reach them through the
+    # spatial cross-attention: it learns fast (2e-3); the rest of the spatial UNet is nudged (2e-4).
+    groups = {"motion": [], "cross": [], "spatial": []}
+    for n, p in model.named_parameters():
+        groups["motion" if "motion_modules" in n else "cross" if ".attn2." in n else "spatial"].append(p)
+    # Still images cannot teach what "left" or "upward" mean, so the image stage leaves those
+    # words' token embeddings indistinct. Here, and only here, their rows of the (shared) token
+    # embedding are learnt; every other weight of the text encoder stays as it was.
     text_encoder.requires_grad_(False)
+    emb = text_encoder.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    rows = torch.zeros(emb.shape[0], 1, device=emb.device)
+    rows[motion_token_ids(tokenizer)] = 1.0
+    emb.register_hook(lambda g: g * rows)
+    base_lrs = [5e-4, 2e-3, 2e-4, 1e-2]
+    opt = torch.optim.AdamW(
+        [{"params": groups[k], "lr": lr} for k, lr in zip(("motion", "cross", "spatial"), base_lrs)] + [{"params": [emb], "lr": base_lrs[3], "weight_decay": 0.0}],
+        weight_decay=1e-2,
+    )
+    ema = EMA([model], decay=0.998)
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     bar = tqdm(range(steps), desc="text-to-video")
@@ -378,9 +400,8 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
         z0 = z0.permute(0, 2, 1, 3, 4).to(device)  # (B, C, F, h, w) as UNetMotionModel expects
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        with torch.no_grad():
-            # the motion UNet reads one prompt per frame, as AnimateDiffPipeline passes them
-            cond = encode_text(tokenizer, text_encoder, captions, device).repeat_interleave(z0.shape[2], dim=0)
+        # the motion UNet reads one prompt per frame, as AnimateDiffPipeline passes them
+        cond = encode_text(tokenizer, text_encoder, captions, device).repeat_interleave(z0.shape[2], dim=0)
         noisy = sched.add_noise(z0, noise, t)
         pred = model(noisy, t, cond).sample
         loss = F.mse_loss(pred, noise)
@@ -393,6 +414,7 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to()
     model.eval()
+    emb.requires_grad_(False)
     # the adapter saved beside the model must hold the trained motion modules
     adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k}, strict=True)
     return model, adapter
@@ -405,7 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.05 for a smoke run)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--only", choices=["t2v"], help="retrain only this stage on top of the models already in --out")
     args = parser.parse_args(argv)
+    if args.only == "t2v":
+        return retrain_t2v(args)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
@@ -416,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         "vae": max(50, int(1200 * s)),
         "judge": max(50, int(1500 * s)),
         "t2i": max(50, int(5000 * s)),
-        "t2v": max(50, int(1800 * s)),
+        "t2v": max(50, int(T2V_STEPS * s)),
     }
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -493,6 +518,44 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tmp.rename(args.out)
     log(f"done in {timings['total'] / 60:.1f} min -> {args.out}")
+
+
+def retrain_t2v(args) -> None:
+    """Train the video model again on top of the image model, text encoder and VAE in ``--out``."""
+    from diffusers import StableDiffusionPipeline
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    t2i = StableDiffusionPipeline.from_pretrained(args.out / "t2i", local_files_only=True).to(device)
+    n_vid = max(400, int(4000 * min(1.0, args.scale * 4)))
+    steps = max(50, int(T2V_STEPS * args.scale))
+    t0 = time.time()
+    clips, clip_labels = render_video_set(args.seed + 13, n_vid, 0.15, "render video set")
+    flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
+    m, sd = encode_latents(t2i.vae, flat, device)
+    clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
+    motion_unet, adapter = train_t2v(clip_latents, t2i.vae.config.scaling_factor, clip_labels, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, 8, device, args.seed)
+    tmp = args.out / "t2v.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    from diffusers import AnimateDiffPipeline
+
+    AnimateDiffPipeline(vae=t2i.vae.cpu(), text_encoder=t2i.text_encoder.cpu(), tokenizer=t2i.tokenizer, unet=motion_unet.cpu(), motion_adapter=adapter.cpu(), scheduler=sampling_scheduler()).save_pretrained(tmp / "t2v")
+    store_half(tmp)
+    # the text encoder is shared: the image model gets the same (motion-word) update
+    t2i.text_encoder.save_pretrained(tmp / "t2i_text_encoder")
+    for f in (tmp / "t2i_text_encoder").glob("*.safetensors"):
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.half() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    shutil.rmtree(args.out / "t2v")
+    (tmp / "t2v").rename(args.out / "t2v")
+    shutil.rmtree(args.out / "t2i" / "text_encoder")
+    (tmp / "t2i_text_encoder").rename(args.out / "t2i" / "text_encoder")
+    shutil.rmtree(tmp)
+    meta_path = args.out / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta["t2v_retrained"] = {"steps": steps, "clips": n_vid, "seconds": round(time.time() - t0, 1), "seed": args.seed}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    log(f"text-to-video retrained in {(time.time() - t0) / 60:.1f} min -> {args.out / 't2v'}")
 
 
 def save_pipelines(out: Path, vae, text_encoder, tokenizer, unet, motion_unet, adapter) -> None:

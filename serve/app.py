@@ -214,7 +214,11 @@ class Gateway:
             await handle.set_batching.remote(*self.batching)
             self._batching_set = True
         payload = req.model_dump()  # width/height None: the pipeline's default size
-        result = await handle.generate.remote(payload)
+        try:
+            result = await handle.generate.remote(payload)
+        except Exception as e:  # no ready replica, or it died: the request fails, the gateway does not
+            logger.error("%s: %s: %s", endpoint, type(e).__name__, e)
+            return self._error(endpoint, 503, "unavailable", f"the {kind.replace('_', '-')} model is not available; see GET /readyz")
         guard = result.get("guard") or {}
         for reason in guard.get("reasons", []):
             self.metrics.guard.labels(guard["action"], reason["kind"], reason["concept"]).inc()

@@ -67,7 +67,7 @@ def generate(
         _fail(f"Could not load the model {model or 'ConceptWorld'}: {e}")
     gen = torch.Generator().manual_seed(seed)
     if video:
-        frames = np.asarray(pipe(prompt, num_videos_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").frames)
+        frames = np.asarray(pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").frames)
         import imageio.v3 as iio
 
         strip = (np.concatenate(list(frames), axis=2) * 255).round().astype(np.uint8)

@@ -59,7 +59,7 @@ def test_instance_prompt_draws_the_instance(t2i):
 def test_seeded_video_moves_the_prompted_way(t2v):
     gen = torch.Generator().manual_seed(0)
     frames = np.asarray(
-        t2v("a blue circle moving right on a plain background", num_videos_per_prompt=2, num_frames=8, num_inference_steps=25, guidance_scale=5.0, generator=gen, output_type="np").frames
+        t2v(["a blue circle moving right on a plain background"] * 2, num_frames=8, num_inference_steps=25, guidance_scale=5.0, generator=gen, output_type="np").frames
     )
     assert frames.shape == (2, 8, 32, 32, 3)
     for clip in frames:

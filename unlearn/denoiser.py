@@ -51,7 +51,7 @@ class Denoiser:
             gen = torch.Generator(device="cpu").manual_seed(seed)
             kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="latent")
             if self.is_video:
-                res = self.pipe(prompt, num_videos_per_prompt=k, num_frames=self.num_frames, **kwargs)
+                res = self.pipe([prompt] * k, num_frames=self.num_frames, **kwargs)
                 out.append(res.frames.cpu())
             else:
                 res = self.pipe(prompt, num_images_per_prompt=k, **kwargs)

@@ -93,7 +93,7 @@ def judge_hits(images: np.ndarray, attrs: Mapping[str, str]) -> float:
 def _images(pipe, prompt: str, n: int, seed: int, steps: int, guidance: float) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     if hasattr(pipe, "motion_adapter"):
-        frames = np.asarray(pipe(prompt, num_videos_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").frames)
+        frames = np.asarray(pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").frames)
         return frames.reshape(-1, *frames.shape[2:])  # judge every frame
     return pipe(prompt, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="np").images
 
@@ -160,7 +160,10 @@ def evaluate_policy(
             if judged:
                 rows = res["prompts"].values()
                 res["erased_max"] = max(r["patched_target"] for r in rows)
-                res["base_target_min"] = min(r["base_target"] for r in rows)
+                # "before" is read on the prompts the base model answers by design; a misspelling
+                # counts for "after" (it must not bring the concept back) and is reported as is
+                res["base_target_min"] = min(r["base_target"] for k, r in res["prompts"].items() if k != "misspelling")
+                res["base_misspelling"] = res["prompts"]["misspelling"]["base_target"]
                 res["anchor_on_target"] = res["prompts"]["target"]["patched_anchor"]
                 drops = [v["base"] - v["patched"] for v in res["preserve"].values()]
                 res["preserve_max_drop"] = max(drops) if drops else 0.0
