@@ -95,9 +95,10 @@ class PatchedModel:
         self.active = self._prepare(policy, self.pipe)
 
     # ---- building and applying ------------------------------------------------------------------
-    def _builder(self, policy: Policy):
+    def _builder(self, policy: Policy, pipe):
         """Text-encoder patches are learnt on the policy's image model, as the method prescribes,
-        even in a video replica; the image model is loaded only on a cache miss."""
+        even in a video replica; the image model is loaded only on a cache miss. Every other
+        job is built on ``pipe`` (which holds the base weights)."""
         loaded: dict = {}
 
         def pick(job):
@@ -105,14 +106,13 @@ class PatchedModel:
                 if "pipe" not in loaded:
                     loaded["pipe"] = load_pipeline("text_to_image", policy.spec.models.text_to_image, self.device)
                 return loaded["pipe"]
-            return job_pipe
+            return pipe
 
-        job_pipe = self.pipe
         return pick
 
     def _prepare(self, policy: Policy, pipe) -> ActivePolicy:
         """Build/fetch, apply and verify every patch ``policy`` requires on the unpatched ``pipe``."""
-        built = build_patches(policy, {self.kind: pipe}, self.cache, seed=self.seed, progress=False, builder=self._builder(policy))
+        built = build_patches(policy, {self.kind: pipe}, self.cache, seed=self.seed, progress=False, builder=self._builder(policy, pipe))
         return self._apply_built(policy, built)
 
     def _concepts_in_scope(self, policy: Policy) -> list:
@@ -162,7 +162,7 @@ class PatchedModel:
                     component, name = key.split("/", 1)
                     dict(comps[component].named_parameters())[name].data.copy_(original)
         models = {self.kind: builder}
-        built = build_patches(policy, models, self.cache, seed=self.seed, progress=False, builder=self._builder(policy))
+        built = build_patches(policy, models, self.cache, seed=self.seed, progress=False, builder=self._builder(policy, builder))
         del builder, models
         with self.lock:  # waits for the generation in flight, then swaps in milliseconds
             old = self.active

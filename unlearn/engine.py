@@ -58,8 +58,9 @@ class BuildJob:
     applies_to: list[str]  # the models it is applied to
 
 
-def plan(policy, models: Mapping[str, object]) -> list[BuildJob]:
+def plan(policy, models: Mapping[str, object], fps: "_Fingerprints | None" = None) -> list[BuildJob]:
     """The builds a policy needs, in policy order, for the loaded ``models``."""
+    fps = fps or _Fingerprints()
     jobs: list[BuildJob] = []
     grouped: dict[tuple, BuildJob] = {}
     for concept in policy.spec.concepts:
@@ -69,7 +70,7 @@ def plan(policy, models: Mapping[str, object]) -> list[BuildJob]:
         cfg = concept.method
         if cfg.name == "text_encoder":
             first = scope[0]
-            same = [m for m in scope if m == first or _same_text_encoder(models[first], models[m])]
+            same = [m for m in scope if m == first or _same_text_encoder(models[first], models[m], fps)]
             jobs.append(BuildJob(cfg.name, cfg, [concept], first, same))
             for m in scope:
                 if m not in same:
@@ -88,24 +89,27 @@ def plan(policy, models: Mapping[str, object]) -> list[BuildJob]:
     return jobs
 
 
-_FINGERPRINTS: dict[int, tuple[object, str]] = {}
+class _Fingerprints:
+    """Fingerprints of components, computed once per planning/building call (the models do not
+    change during one: method builds restore the weights they train)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[object, str]] = {}
+
+    def __call__(self, module) -> str:
+        hit = self._seen.get(id(module))
+        if hit is None or hit[0] is not module:
+            hit = (module, fingerprint(module))
+            self._seen[id(module)] = hit
+        return hit[1]
 
 
-def _fingerprint(module) -> str:
-    """Fingerprint, memoised per module object for the life of the process (weights are only
-    changed through patches, which are applied after every fingerprint is taken)."""
-    hit = _FINGERPRINTS.get(id(module))
-    if hit is None or hit[0] is not module:
-        hit = (module, fingerprint(module))
-        _FINGERPRINTS[id(module)] = hit
-    return hit[1]
+def _same_text_encoder(a, b, fps: _Fingerprints) -> bool:
+    return fps(a.text_encoder) == fps(b.text_encoder)
 
 
-def _same_text_encoder(a, b) -> bool:
-    return _fingerprint(a.text_encoder) == _fingerprint(b.text_encoder)
-
-
-def job_key(job: BuildJob, pipe, seed: int) -> str:
+def job_key(job: BuildJob, pipe, seed: int, fps: "_Fingerprints | None" = None) -> str:
+    fps = fps or _Fingerprints()
     components = pipeline_components(pipe)
     touched = sorted({k.split("/", 1)[0] for k in select_parameters(components, job.config.parameter_group)})
     return cache_key(
@@ -113,7 +117,7 @@ def job_key(job: BuildJob, pipe, seed: int) -> str:
             "method": job.method,
             "options": job.config.model_dump(mode="json"),
             "concepts": [c.spec_hash() for c in job.concepts],
-            "base": {c: _fingerprint(components[c]) for c in touched},
+            "base": {c: fps(components[c]) for c in touched},
             "version": project_version(),
             "seed": seed,
         }
@@ -145,17 +149,18 @@ def build_patches(
     in the components the job touches); it is only called on a cache miss.
     """
     out = []
-    jobs = plan(policy, models)
+    fps = _Fingerprints()
+    jobs = plan(policy, models, fps)
     for i, job in enumerate(jobs):
         if on_job:
             on_job(job, i, len(jobs))
         pipe = models[job.model]
-        key = job_key(job, pipe, seed)
+        key = job_key(job, pipe, seed, fps)
         method = get_method(job.method)(job.config)
 
         def build(job=job, pipe=pipe, method=method) -> Patch:
             target = builder(job) if builder else pipe
-            if target is not pipe and job_key(job, target, seed) != key:
+            if target is not pipe and job_key(job, target, seed, fps) != key:
                 raise PatchError(f"The pipeline chosen to build {job.method} for {[c.id for c in job.concepts]} has other base weights than {job.model}.")
             return method.build(target, job.concepts, seed=seed, progress=progress)
 
