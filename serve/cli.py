@@ -53,7 +53,7 @@ def generate(
     suffix = out.suffix.lower()
     allowed = (".gif", ".mp4") if video else (".png",)
     if suffix not in allowed:
-        _fail(f"Got {str(out)!r} for --out. A {'video' if video else 'image'} is written as {' or '.join(allowed)}; change the file name.")
+        _fail(f"Got {str(out)!r} for --out. {'A video' if video else 'An image'} is written as {' or '.join(allowed)}; change the file name.")
     try:
         if video:
             from diffusers import AnimateDiffPipeline
