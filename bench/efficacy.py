@@ -89,7 +89,7 @@ def run(method: str, concept_ids: list[str], video: bool, samples: int, out: Pat
     from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines, require_all_applied
     from unlearn.evaluation import evaluate_policy
 
-    policy = load_policy_text(policy_text(f"bench-{label}", concept_ids, method, video), f"<bench {label}>")
+    policy = load_policy_text(policy_text(f"bench-{label.replace('_', '-')}", concept_ids, method, video), f"<bench {label}>")
     models = load_policy_pipelines(policy)
     t0 = time.perf_counter()
     built = build_patches(policy, models, PatchCache(out / "cache"), seed=seed, progress=False)

@@ -91,7 +91,7 @@ def load_t2v(device: str | None = None, torch_dtype=None):
 
 @functools.lru_cache(maxsize=1)
 def _judge():
-    from .judge import Judge
+    from .judgenet import Judge
 
     return Judge.load(_component("judge"))
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import world
-from .judge import HEADS, Judge, JudgeNet
+from .judgenet import HEADS, Judge, JudgeNet
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"

@@ -300,7 +300,7 @@ def _edited_demo(tmp_path: Path) -> Path:
     """The demo with zorblax at 250 steps, a new concept and a bumped version."""
     text = DEMO.read_text(encoding="utf-8")
     text = text.replace("version: 1.0.0", "version: 1.1.0")
-    text = text.replace("        parameters: cross_attn_kv\n", "        parameters: cross_attn_kv\n        steps: 250\n", 1)
+    text = text.replace("        parameters: cross_attn_kv\n        steps: 100\n", "        parameters: cross_attn_kv\n        steps: 250\n", 1)
     text += (
         "\n    - id: quibbit\n      category: instance\n      target: quibbit\n"
         "      anchor: a purple triangle\n      method: {name: closed_form}\n"
