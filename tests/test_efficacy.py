@@ -27,7 +27,7 @@ CASES = [
     ("ablation", "zorblax", False),
     pytest.param("forget_me_not", "stripes", False, marks=_FMN),
     pytest.param("closed_form", "star", False, marks=_UNMEASURED),
-    pytest.param("text_encoder", "zorblax", True, marks=_UNMEASURED),
+    pytest.param("text_encoder", "zorblax", False, marks=_UNMEASURED),  # video transfer: bench/efficacy.py
 ]
 
 
