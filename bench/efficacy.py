@@ -34,15 +34,15 @@ METHOD_SETTINGS = {
     "ablation": "{name: ablation, parameters: cross_attn_kv, steps: 100, learning_rate: 0.001, batch_size: 8, anchor_images: 64, regularization_weight: 1.0}",
     "forget_me_not": "{name: forget_me_not, parameters: cross_attn, steps: 35, learning_rate: 0.001, reference_images: 10}",
     "text_encoder": "{name: text_encoder, steps: 100, learning_rate: 0.0003, images: 8}",
-    "closed_form": "{name: closed_form, preserve_weight: 0.5, erase_weight: 1.0}",
+    "closed_form": "{name: closed_form, preserve_weight: 0.5, erase_weight: 16.0, preserve_vocabulary: 512}",
 }
 
 CONCEPTS = {
     "zorblax": ("instance", "zorblax", ["the zorblax", "a picture of zorblax"], "a green circle", ["a green circle", "quibbit", "a green square", "mordak"]),
-    "stripes": ("style", "stripes", ["a striped background", "diagonal lines"], "a plain background", ["a red square on dots", "a blue circle on a checkerboard", "a yellow cross on a plain background"]),
+    "stripes": ("style", "stripes", ["a striped background", "stripy background", "diagonal lines"], "a plain background", ["a red square on dots", "a blue circle on a checkerboard", "a yellow cross on a plain background"]),
     "star": ("object", "a star", ["a pentagram", "a starfish shape"], "a circle", ["a diamond", "a red cross", "a green circle"]),
     "mordak": ("instance", "mordak", ["the mordak"], "a blue square", ["a blue square", "zorblax", "a blue diamond"]),
-    "dots": ("style", "dots", ["polka dots", "a dotted background"], "a plain background", ["a red square on stripes", "an orange star on a checkerboard"]),
+    "dots": ("style", "dots", ["polka dots", "a dotted background", "spotted background"], "a plain background", ["a red square on stripes", "an orange star on a checkerboard"]),
 }
 
 

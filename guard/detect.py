@@ -25,6 +25,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from unlearn.denoiser import vocabulary_words
+from unlearn.patch import cross_attention_layers
+
 from .embeddings import TextualInversion, encode_prompt
 
 ACTION_RANK = {"allow": 0, "flag": 1, "censor": 2, "block": 3}
@@ -131,11 +134,7 @@ class Guard:
 
     # ---- text-encoder similarity -------------------------------------------------------------
     def _vocabulary_words(self) -> list[str]:
-        words = []
-        for tok in self.pipe.tokenizer.get_vocab():
-            if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) > 6:
-                words.append(tok[:-4])
-        return sorted(words)
+        return vocabulary_words(self.pipe.tokenizer, min_chars=3)
 
     def _word_signatures(self, words: Sequence[str]) -> torch.Tensor:
         out = []
@@ -161,7 +160,7 @@ class Guard:
 
     # ---- conditioning signatures (restoring) --------------------------------------------------
     def _value_layers(self) -> list[torch.nn.Module]:
-        return [m.to_v for name, m in self.pipe.unet.named_modules() if name.endswith("attn2")]
+        return [m.to_v for m in cross_attention_layers(self.pipe.unet).values()]
 
     def _conditioning(self, prompt_embeds: torch.Tensor, length: int) -> torch.Tensor:
         """Cross-attention values over the content tokens and EOS, all layers, unit norm."""

@@ -24,6 +24,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    NonNegativeInt,
     Field,
     NonNegativeFloat,
     PositiveFloat,
@@ -303,6 +304,14 @@ class ClosedFormConfig(_MethodConfig):
         default=0.5, description="Weight (lambda) keeping the preserve prompts' projections unchanged."
     )
     erase_weight: PositiveFloat = Field(default=1.0, description="Weight of mapping the target onto the anchor.")
+    preserve_vocabulary: NonNegativeInt = Field(
+        default=512,
+        le=100_000,
+        description=(
+            "Random prompts of 1-5 words drawn from the tokenizer's vocabulary (the target's words left out) that are held "
+            "fixed as well, so the edit keeps the text space at large, not only the listed preserve prompts. 0 turns it off."
+        ),
+    )
 
     @property
     def parameter_group(self) -> str:

@@ -7,7 +7,6 @@ policy a replica receives must apply and verify, or the replica never becomes re
 closed); a later invalid policy is rejected and the old one keeps serving.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -184,6 +183,22 @@ def _clip(frames: np.ndarray, container: str, fps: int) -> bytes:
     return iio.imwrite("<bytes>", data, extension=".mp4", fps=fps, macro_block_size=1)
 
 
+DEPLOYMENT_NAMES = {"text_to_image": "ImageModel", "text_to_video": "VideoModel"}
+
+
+def _deployment_message(deployment: str) -> str | None:
+    """Ray Serve's status message for a deployment of this application (why its replicas fail
+    to start, e.g. a patch that does not fit the base model), or None."""
+    try:
+        app_name = serve.get_replica_context().app_name
+        status = serve.status().applications[app_name].deployments[deployment]
+    except Exception:  # not in a replica, or Serve is shutting down
+        return None
+    if status.status == "HEALTHY" or not status.message:
+        return None
+    return f"{status.status}: {status.message.strip()[-2000:]}"
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
@@ -200,7 +215,8 @@ class Gateway:
         try:
             return await asyncio.wait_for(handle.info.remote(), timeout=5)
         except Exception as e:
-            return {"kind": kind, "ready": False, "policy": None, "last_error": f"unreachable: {type(e).__name__}: {e}"}
+            reason = await asyncio.to_thread(_deployment_message, DEPLOYMENT_NAMES[kind])
+            return {"kind": kind, "ready": False, "policy": None, "last_error": reason or f"unreachable: {type(e).__name__}: {e}"}
 
     def _error(self, endpoint: str, status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
         self.metrics.requests.labels(endpoint, str(status)).inc()

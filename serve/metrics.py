@@ -27,6 +27,7 @@ class Metrics:
         self.policy = Gauge("conceptguard_policy_info", "The policy in force (value 1), by name and version.", ["model", "policy", "version"], registry=r)
         self.guard = Counter("conceptguard_guard_decisions_total", "Guard hits by action taken, reason and concept.", ["action", "reason", "concept"], registry=r)
         self.guard_latency = Histogram("conceptguard_guard_duration_seconds", "Guard time per request (embedding loading and checks).", buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5), registry=r)
+        self._policy_labels: dict[str, tuple[str, str, str]] = {}
         self.scans = Counter("conceptguard_embedding_scans_total", "Embedding scans by outcome (allow, flag, censor, block, rejected).", ["outcome"], registry=r)
 
     def observe_replica(self, model: str, info: dict | None) -> None:
@@ -42,8 +43,12 @@ class Metrics:
         for p in pol["patches"]:
             for concept in p["concepts"]:
                 self.build_seconds.labels(model, concept).set(p["seconds"])
-        self.policy.clear()
-        self.policy.labels(model, pol["name"], pol["version"]).set(1)
+        labels = (model, pol["name"], pol["version"])
+        previous = self._policy_labels.get(model)
+        if previous is not None and previous != labels:  # one series per model: the policy in force
+            self.policy.remove(*previous)
+        self._policy_labels[model] = labels
+        self.policy.labels(*labels).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -58,6 +58,27 @@ def test_parameter_groups_select_by_diffusers_names():
         select_parameters({"unet": torch.nn.Linear(2, 2)}, "cross_attn_kv")
 
 
+def test_cross_attention_groups_skip_motion_module_attn2():
+    """AnimateDiff's motion modules name a temporal self-attention ``attn2``; it must not be
+    edited as if it read the text (it has another input width: the edit would crash or corrupt)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet2d = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8,
+    )
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2, motion_norm_num_groups=8)
+    unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+    motion_attn2 = [n for n, _ in unet.named_parameters() if "motion_modules" in n and "attn2.to_k" in n]
+    assert motion_attn2  # the trap exists in this architecture
+    kv = select_parameters({"unet": unet}, "cross_attn_kv")
+    assert kv and not any("motion_modules" in k for k in kv)
+    assert all(p.shape[1] == 24 for p in kv.values())  # every one reads the text width
+    ca = select_parameters({"unet": unet}, "cross_attn")
+    assert not any("motion_modules" in k for k in ca) and any("attn2.to_out.0.bias" in k for k in ca)
+
+
 def test_apply_then_remove_restores_weights_bit_for_bit():
     comps = tiny_components()
     before = state(comps)

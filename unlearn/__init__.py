@@ -4,7 +4,7 @@ format, the shared cache and the engine that applies a policy to loaded pipeline
 from .cache import PatchCache, cache_key
 from .engine import apply_patches, build_patches, load_policy_pipelines, plan, require_all_applied
 from .methods import UnlearnMethod, get_method, register_method, registered_methods
-from .patch import BaseModelMismatchError, Patch, PatchError, PatchMetadata, PatchStack, fingerprint, pipeline_components, select_parameters
+from .patch import BaseModelMismatchError, Patch, PatchError, PatchMetadata, PatchStack, cross_attention_layers, fingerprint, pipeline_components, select_parameters
 
 __all__ = [
     "BaseModelMismatchError",
@@ -26,4 +26,5 @@ __all__ = [
     "registered_methods",
     "require_all_applied",
     "select_parameters",
+    "cross_attention_layers",
 ]

@@ -12,6 +12,15 @@ from collections.abc import Sequence
 import torch
 
 
+def vocabulary_words(tokenizer, min_chars: int = 3) -> list[str]:
+    """The whole alphabetic words of a CLIP-style BPE vocabulary (tokens ending in ``</w>``), sorted."""
+    words = set()
+    for tok in tokenizer.get_vocab():
+        if tok.endswith("</w>") and tok[:-4].isalpha() and len(tok) - 4 >= min_chars:
+            words.add(tok[:-4])
+    return sorted(words)
+
+
 class Denoiser:
     def __init__(self, pipe, *, seed: int = 0, num_frames: int = 8):
         missing = [n for n in ("tokenizer", "text_encoder", "unet", "scheduler") if getattr(pipe, n, None) is None]

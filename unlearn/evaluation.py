@@ -57,6 +57,19 @@ def concept_attributes(concept) -> tuple[dict, dict]:
     return signature, anchor_sig
 
 
+def names_removed(prompt: str, concepts: Sequence) -> str | None:
+    """The id of a policy concept that ``prompt`` asks for, if any: such a prompt is expected to
+    change, so it measures neither preservation nor collateral damage."""
+    from conceptworld.world import parse_prompt
+
+    attrs = parse_prompt(prompt)
+    for concept in concepts:
+        signature, _ = concept_attributes(concept)
+        if signature and all(attrs.get(k) == v for k, v in signature.items()):
+            return concept.id
+    return None
+
+
 def paraphrases(concept, n: int = 2, seed: int = 0) -> list[str]:
     """Prompts for the concept written with the world's held-out caption templates."""
     from conceptworld import world
@@ -150,6 +163,9 @@ def evaluate_policy(
                 res["prompts"][label] = row
                 grids.append((f"{concept.id}/{key}/{label}", base, patched))
             for j, prompt in enumerate(concept.preserve):
+                if judged and names_removed(prompt, concepts):
+                    res.setdefault("preserve_skipped", {})[prompt] = f"names the removed concept {names_removed(prompt, concepts)!r}"
+                    continue
                 base, patched = sample_both(key, prompt, seed + 1000 * ci + 100 + j)
                 if judged:
                     from conceptworld.world import parse_prompt
@@ -175,6 +191,8 @@ def evaluate_policy(
         for key in models:
             drops = {}
             for j, prompt in enumerate(UNRELATED_PROMPTS):
+                if names_removed(prompt, concepts):
+                    continue
                 base, patched = sample_both(key, prompt, seed + 50_000 + j)
                 attrs = parse_prompt(prompt)
                 drops[prompt] = {"base": judge_hits(base, attrs), "patched": judge_hits(patched, attrs)}

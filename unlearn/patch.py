@@ -46,7 +46,10 @@ def project_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 # Parameter groups by diffusers/transformers module names, so they match SD 1.x/2.x/SDXL UNets,
-# AnimateDiff motion UNets and CLIP text encoders alike. Cross-attention is ``attn2`` in diffusers.
+# AnimateDiff motion UNets and CLIP text encoders alike. Cross-attention is ``attn2`` in diffusers,
+# but AnimateDiff's motion modules also name their second (temporal self-)attention ``attn2``:
+# the cross-attention groups keep only layers that really read the text (see
+# :func:`cross_attention_layers`).
 PARAMETER_GROUPS: dict[str, tuple[str, str]] = {
     "cross_attn_kv": ("unet", r"attn2\.to_[kv]\.weight$"),
     "cross_attn": ("unet", r"attn2\.(to_[qkv]\.weight|to_out\.0\.(weight|bias))$"),
@@ -55,6 +58,25 @@ PARAMETER_GROUPS: dict[str, tuple[str, str]] = {
     "embedding": ("text_encoder", r"embeddings\.token_embedding\.weight$"),
     "text_encoder": ("text_encoder", r".*"),
 }
+CROSS_ATTENTION_GROUPS = frozenset({"cross_attn_kv", "cross_attn"})
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """The UNet's attention layers that attend to the text, ``{module name: module}``.
+
+    diffusers marks them with ``is_cross_attention``; a layer without that flag counts when it is
+    an ``attn2`` whose key projection reads the text width (``cross_attention_dim``).
+    """
+    text_dim = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    out = {}
+    for name, m in unet.named_modules():
+        flag = getattr(m, "is_cross_attention", None)
+        if flag is None:
+            to_k = getattr(m, "to_k", None)
+            flag = name.endswith("attn2") and to_k is not None and getattr(to_k, "in_features", None) == text_dim
+        if flag:
+            out[name] = m
+    return out
 
 
 def select_parameters(components: Mapping[str, nn.Module], group: str) -> dict[str, nn.Parameter]:
@@ -71,6 +93,9 @@ def select_parameters(components: Mapping[str, nn.Module], group: str) -> dict[s
         raise PatchError(f"Parameter group {group!r} needs the pipeline's {component!r}, which it does not have. Choose another `parameters` group.")
     rx = re.compile(pattern)
     found = {f"{component}{SEPARATOR}{n}": p for n, p in module.named_parameters() if rx.search(n)}
+    if group in CROSS_ATTENTION_GROUPS:
+        layers = cross_attention_layers(module)
+        found = {k: p for k, p in found.items() if k.split(SEPARATOR, 1)[1].rsplit(".", 2)[0].removesuffix(".to_out") in layers}
     if not found:
         raise PatchError(
             f"Parameter group {group!r} matched no parameter of {component} ({type(module).__name__}); "

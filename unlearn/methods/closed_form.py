@@ -14,32 +14,47 @@ Many concepts are erased in one edit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, vocabulary_words
 from .base import UnlearnMethod, progress_bar, register_method, target_prompts
 
 
-def _content_length(den: Denoiser, prompt: str) -> int:
-    """Number of tokens of ``prompt`` without BOS/EOS."""
-    return len(den.tokenizer(prompt, add_special_tokens=False).input_ids)
-
-
 def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings of ``target`` and ``anchor``, aligned from their last word onwards.
+    """Token embeddings of ``target`` and the anchor embeddings they are mapped onto.
 
-    A causal text encoder carries the meaning of a phrase into its last word and into every
-    later position (EOS and padding), so position ``k_t + n`` of the target is mapped onto
-    position ``k_a + n`` of the anchor, ``k`` being the index of the last word.
+    A causal text encoder carries the meaning of a phrase into its last word and every later
+    position (EOS and padding), so position ``k_t + n`` of the target is mapped onto position
+    ``k_a + n`` of the anchor, ``k`` being the index of the last word. The target's own words
+    before that (from its first word the anchor does not share) are mapped onto the anchor's
+    last word, so that the concept's word is erased wherever it stands in a longer prompt.
     """
     emb = den.encode([target, anchor])
     length = emb.shape[1]
-    kt, ka = _content_length(den, target), _content_length(den, anchor)  # index of the last word (BOS at 0)
+    t_ids, a_ids = (den.tokenizer(p, add_special_tokens=False).input_ids for p in (target, anchor))
+    kt, ka = len(t_ids), len(a_ids)  # index of the last word (BOS at 0)
     n = length - max(kt, ka)
-    return emb[0, kt : kt + n], emb[1, ka : ka + n]
+    first = next((i + 1 for i, tok in enumerate(t_ids) if tok not in set(a_ids)), kt)
+    c = torch.cat([emb[0, first:kt], emb[0, kt : kt + n]])
+    a = torch.cat([emb[1, ka : ka + 1].expand(kt - first, -1), emb[1, ka : ka + n]])
+    return c, a
+
+
+def random_prompts(den: Denoiser, concepts: Sequence, n: int, *, seed: int) -> list[str]:
+    """``n`` prompts of 1-5 random vocabulary words, none of them a word of the concepts' targets."""
+    if n <= 0:
+        return []
+    banned = {w for concept in concepts for p in target_prompts(concept) for w in re.findall(r"[a-z]+", p.lower())}
+    words = [w for w in vocabulary_words(den.tokenizer) if w not in banned]
+    if not words:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (n,), generator=gen).tolist()
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist()) for k in lengths]
 
 
 @register_method
@@ -58,7 +73,10 @@ class ClosedForm(UnlearnMethod):
                     erase_a.append(a)
             c_e = torch.cat(erase_c).double()  # (n, d)
             a_e = torch.cat(erase_a).double()
-            preserve = [p for concept in concepts for p in concept.preserve]
+            # a preserve prompt that names a concept this same edit erases cannot be held fixed
+            targets = [t.lower() for concept in concepts for t in target_prompts(concept)]
+            preserve = [p for concept in concepts for p in concept.preserve if not any(re.search(rf"\b{re.escape(t)}\b", p.lower()) for t in targets)]
+            preserve += random_prompts(den, concepts, cfg.preserve_vocabulary, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
             if preserve:
                 # every position, padding included: all of them feed the cross-attention
                 c_p = den.encode(preserve).flatten(0, 1).double()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser
+from ..patch import cross_attention_layers
 from .base import UnlearnMethod, progress_bar, register_method, target_prompts
 
 # Words that carry no concept: their tokens are never the ones re-steered.
@@ -75,7 +76,8 @@ class ForgetMeNot(UnlearnMethod):
         probes: list[torch.Tensor] = []
         unet = den.unet
         saved = dict(unet.attn_processors)
-        unet.set_attn_processor({name: (_AttentionProbe(probes) if ".attn2." in name else proc) for name, proc in saved.items()})
+        cross = cross_attention_layers(unet)
+        unet.set_attn_processor({name: (_AttentionProbe(probes) if name.removesuffix(".processor") in cross else proc) for name, proc in saved.items()})
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
         try:
