@@ -71,6 +71,9 @@ def edit_distance(a: str, b: str, cap: int = 3) -> int:
     return prev[-1]
 
 
+MAX_SYNONYMS = 12  # a term closer than the threshold to more words than this has no usable synonyms
+
+
 class TermMatcher:
     """Finds a set of terms in prompts: exact phrases, misspellings, and synonyms."""
 
@@ -117,6 +120,7 @@ class Guard:
         self._lock = threading.Lock()
         self.vocab_words = self._vocabulary_words()
         self.matchers = {}
+        self.undistinguished: dict[str, int] = {}  # term -> words it is not told apart from
         with torch.no_grad():
             word_sigs = self._word_signatures(self.vocab_words) if self.concepts else None
             # centre on the vocabulary's mean: what all words share says nothing about meaning
@@ -156,7 +160,16 @@ class Guard:
         if not single or word_sigs is None or not len(word_sigs):
             return {}
         sims = torch.nn.functional.normalize(self._text_signature(single) - self._centre, dim=-1) @ word_sigs.T
-        return {t: {self.vocab_words[j] for j in torch.nonzero(sims[i] >= threshold).flatten().tolist()} - {t} for i, t in enumerate(single)}
+        out: dict[str, set[str]] = {}
+        for i, t in enumerate(single):
+            close = {self.vocab_words[j] for j in torch.nonzero(sims[i] >= threshold).flatten().tolist()} - {t}
+            if len(close) > MAX_SYNONYMS:
+                # the encoder does not tell this term apart from much of its vocabulary (a word it
+                # never learnt): its "synonyms" would be noise, so it is matched by spelling only
+                self.undistinguished[t] = len(close)
+                continue
+            out[t] = close
+        return out
 
     # ---- conditioning signatures (restoring) --------------------------------------------------
     def _value_layers(self) -> list[torch.nn.Module]:

@@ -183,6 +183,7 @@ class PatchedModel:
     def _apply_built(self, policy: Policy, built) -> ActivePolicy:
         t0 = time.perf_counter()
         baseline = self._probe_inputs(policy, self.pipe)
+        guard = self._make_guard(policy)  # reads the base model's conditioning: before any patch
         models = {self.kind: self.pipe}
         stacks = apply_patches(models, built)
         try:
@@ -192,16 +193,16 @@ class PatchedModel:
             stacks[self.kind].remove_all()
             raise
         infos = [PatchInfo(b.patch.patch_id, b.job.method, [c.id for c in b.job.concepts], "built" if b.built else "cache", round(b.seconds, 3)) for b in built]
-        guard = self._make_guard(policy, stacks[self.kind])
         return ActivePolicy(policy, stacks[self.kind], infos, time.time(), sum(b.seconds for b in built), time.perf_counter() - t0, guard)
 
-    def _make_guard(self, policy: Policy, stack: PatchStack):
+    def _make_guard(self, policy: Policy):
+        """The guard of ``policy``, built while ``self.pipe`` still holds its base weights."""
         from guard.detect import Guard
 
         if not any(c.guard is not None and c.guard.enabled for c in policy.spec.concepts):
             return None
         probe = self._judge_probe if (self.kind == "text_to_image" and self.source.builtin == "conceptworld") else None
-        return Guard(policy, self.pipe, stack, probe=probe)
+        return Guard(policy, self.pipe, probe=probe)
 
     def _judge_probe(self, ti, concept) -> bool:
         """Confirm a restoring embedding: a few images of its token, judged by ConceptWorld's judge."""

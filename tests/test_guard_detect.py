@@ -76,3 +76,20 @@ def test_embedding_scans_are_cached(guard_for):
     first = g.scan_embedding(ti)
     assert len(g._scans) == 1
     assert g.scan_embedding(ti) == first and len(g._scans) == 1
+
+
+def test_synonyms_come_from_the_text_encoder_and_unknown_words_match_by_spelling_only():
+    """On ConceptWorld's encoder: a world word's synonyms are found by text-encoder similarity,
+    while a word it never learnt (every unknown word looks alike to it) gets no synonyms, so
+    benign words are not blocked as its 'synonyms'."""
+    import conceptworld
+
+    text = POLICY.format(action="block").replace("blocked_terms: [blood]", "blocked_terms: [blood, crimson]")
+    assert "crimson" in text
+    g = Guard(load_policy_text(text, "g.yaml"), conceptworld.load_t2i())
+    _, blocked = g.matchers["zorblax"]
+    assert {"scarlet", "red"} <= blocked.synonyms["crimson"]
+    assert "blood" not in blocked.synonyms and g.undistinguished["blood"] > 12
+    assert g.check("a scarlet star on dots").action == "block"  # synonym
+    assert g.check("a yellow cross on a plain background").action == "allow"
+    assert g.check("a star with bloood").action == "block"  # misspelling still matches

@@ -231,6 +231,7 @@ class PatchStack:
         self.applied: list[Patch] = []
         self._originals: dict[str, torch.Tensor] = {}
         self._base_fingerprints: dict[str, str] = {}
+        self._named: dict[str, dict[str, nn.Parameter]] = {}
 
     def base_fingerprint(self, component: str) -> str:
         # check() fingerprints every component a patch touches before changing it, so a component
@@ -244,7 +245,9 @@ class PatchStack:
         module = self.components.get(component)
         if module is None:
             raise PatchError(f"The patch changes {component!r}, which this pipeline does not have ({sorted(self.components)}).")
-        params = dict(module.named_parameters())
+        if component not in self._named:
+            self._named[component] = dict(module.named_parameters())
+        params = self._named[component]
         if name not in params:
             raise PatchError(f"The patch changes {key!r}, which {type(module).__name__} does not have. It was built for another architecture.")
         return params[name]
