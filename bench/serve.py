@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from serve.app import ServeSettings, build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="conceptguard-bench")
+    ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False, namespace="conceptguard-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    settings = ServeSettings(policy=str(policy_path), cache_dir=cache, num_cpus=1)
+    # the replica gets every core, as the in-process baseline does (Ray sets its torch threads from num_cpus)
+    settings = ServeSettings(policy=str(policy_path), cache_dir=cache, num_cpus=float(os.cpu_count() or 1))
     serve.run(build_app(settings), name="conceptguard", route_prefix="/")
     client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients * 2))
     url = f"http://127.0.0.1:{args.port}/v1/images"

@@ -23,12 +23,11 @@ from unlearn.evaluation import evaluate_policy  # noqa: E402
 SAMPLES = 24
 _FMN = pytest.mark.xfail(strict=False, reason="measured: stripes still in 83% of target samples after forget_me_not (settings untuned)")
 _CF = pytest.mark.xfail(strict=False, reason="measured: the misspelling 'a str' still draws a star in 17% of samples after closed_form (29% before); target and paraphrases 0%")
-_UNMEASURED = pytest.mark.xfail(strict=False, reason="not yet measured against its bars on this model; tuning pending")
 CASES = [
     ("ablation", "zorblax", False),
     pytest.param("forget_me_not", "stripes", False, marks=_FMN),
     pytest.param("closed_form", "star", False, marks=_CF),
-    pytest.param("text_encoder", "zorblax", False, marks=_UNMEASURED),  # video transfer: bench/efficacy.py
+    ("text_encoder", "zorblax", False),  # video transfer: bench/efficacy.py
 ]
 
 
