@@ -163,8 +163,9 @@ def evaluate_policy(
                 res["prompts"][label] = row
                 grids.append((f"{concept.id}/{key}/{label}", base, patched))
             for j, prompt in enumerate(concept.preserve):
-                if judged and names_removed(prompt, concepts):
-                    res.setdefault("preserve_skipped", {})[prompt] = f"names the removed concept {names_removed(prompt, concepts)!r}"
+                removed = names_removed(prompt, concepts) if judged else None
+                if removed:
+                    res.setdefault("preserve_skipped", {})[prompt] = f"names the removed concept {removed!r}"
                     continue
                 base, patched = sample_both(key, prompt, seed + 1000 * ci + 100 + j)
                 if judged:
