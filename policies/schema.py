@@ -206,13 +206,13 @@ class _MethodConfig(_Strict):
 
     @property
     def parameter_group(self) -> str:
-        """Which weights the method changes (a label, for reports)."""
-        raise NotImplementedError
+        """Which weights the method changes (a label, for reports): its ``parameters`` option."""
+        return self.parameters
 
     @property
     def optimisation_steps(self) -> int:
-        """How many optimisation steps the method runs; 0 for closed-form edits."""
-        raise NotImplementedError
+        """How many optimisation steps the method runs (its ``steps`` option); 0 for closed-form edits."""
+        return self.steps
 
 
 class AblationConfig(_MethodConfig):
@@ -240,14 +240,6 @@ class AblationConfig(_MethodConfig):
         default=0.0, description="Weight of the loss that keeps anchor outputs unchanged; 0 turns it off."
     )
 
-    @property
-    def parameter_group(self) -> str:
-        return self.parameters
-
-    @property
-    def optimisation_steps(self) -> int:
-        return self.steps
-
 
 class ForgetMeNotConfig(_MethodConfig):
     """Forget-Me-Not: attention re-steering that suppresses attention to the target tokens.
@@ -262,14 +254,6 @@ class ForgetMeNotConfig(_MethodConfig):
     parameters: Literal["cross_attn", "full"] = Field(
         default="full", description="Weights fine-tuned: cross-attention only, or the full UNet."
     )
-
-    @property
-    def parameter_group(self) -> str:
-        return self.parameters
-
-    @property
-    def optimisation_steps(self) -> int:
-        return self.steps
 
 
 class TextEncoderConfig(_MethodConfig):
@@ -287,10 +271,6 @@ class TextEncoderConfig(_MethodConfig):
     @property
     def parameter_group(self) -> str:
         return "text_encoder"
-
-    @property
-    def optimisation_steps(self) -> int:
-        return self.steps
 
 
 class ClosedFormConfig(_MethodConfig):
