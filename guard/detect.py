@@ -9,8 +9,11 @@
 - *restoring*: an embedding whose conditioning -- the cross-attention values the patched UNet
   computes from it -- is close to the conditioning the *base* model computed for a removed
   concept, and closer to it than to the concept's anchor: the signature of concept inversion
-  (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"); where the policy asks for
-  it, also a short probe generation with the embedding that a classifier finds positive.
+  (Pham et al., ICLR 2024, "Circumventing Concept Erasure Methods"). Where the policy asks for
+  a probe and a classifier is at hand, a short generation with the embedding decides instead:
+  restoring when the classifier finds the concept in at least ``probe_threshold`` of the images
+  (one generation serves every probed concept). The probe is the reliable test: on ConceptWorld
+  the similarity signature alone does not tell attack embeddings from benign ones.
 
 Embedding scans are cached by content hash, so a request pays for a scan once.
 """
@@ -210,17 +213,22 @@ class Guard:
             if key in self._scans:
                 return self._scans[key]
         reasons = []
-        if self.base_signatures:
+        probed = [c for c in self.concepts if c.guard.detect_restoring and c.guard.probe_samples] if self.probe else []
+        if probed:
+            # one probe generation for every concept that asks for it, judged per concept
+            rates = self.probe(ti, probed)
+            for c in probed:
+                if rates[c.id] >= c.guard.probe_threshold:
+                    reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} draws {c.target.text!r} in {rates[c.id]:.0%} of a probe generation"))
+        probed_ids = {c.id for c in probed}
+        unprobed = [c for c in self.concepts if c.id in self.base_signatures and c.id not in probed_ids]
+        if unprobed:
             sig = self._prompt_conditioning(ti.token, [ti])
-            for c in self.concepts:
-                if c.id not in self.base_signatures:
-                    continue
+            for c in unprobed:
                 target, anchor = self.base_signatures[c.id]
                 s_t, s_a = float(sig @ target), float(sig @ anchor)
                 if s_t >= c.guard.restoring_similarity and s_t > s_a:
                     reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} conditions like {c.target.text!r} (similarity {s_t:.2f} vs anchor {s_a:.2f})"))
-                elif self.probe and c.guard.probe_samples and self.probe(ti, c):
-                    reasons.append(Reason("restoring", c.id, f"embedding {ti.token!r} draws {c.target.text!r} in a probe generation"))
         with self._lock:
             self._scans[key] = tuple(reasons)
         return tuple(reasons)

@@ -355,7 +355,10 @@ class GuardSpec(_Strict):
         default=0.8, gt=0.0, le=1.0, description="Similarity of an embedding's conditioning to the removed concept's at or above which it counts as restoring."
     )
     probe_samples: int = Field(
-        default=0, ge=0, le=16, description="Images generated with a new embedding and judged, to confirm restoring (0: off)."
+        default=0, ge=0, le=32, description="Images generated with a new embedding and judged, to detect restoring (0: off)."
+    )
+    probe_threshold: float = Field(
+        default=0.4, gt=0.0, le=1.0, description="Share of probe images showing the concept at or above which the embedding counts as restoring."
     )
 
 

@@ -27,6 +27,7 @@ from unlearn.engine import SCOPE_MODELS, load_pipeline
 logger = logging.getLogger("conceptguard.serve")
 
 KINDS = ("text_to_image", "text_to_video")
+PROBE_STEPS = 20  # denoising steps of a guard probe generation
 
 
 class NotReadyError(RuntimeError):
@@ -204,17 +205,18 @@ class PatchedModel:
         probe = self._judge_probe if (self.kind == "text_to_image" and self.source.builtin == "conceptworld") else None
         return Guard(policy, self.pipe, probe=probe)
 
-    def _judge_probe(self, ti, concept) -> bool:
-        """Confirm a restoring embedding: a few images of its token, judged by ConceptWorld's judge."""
+    def _judge_probe(self, ti, concepts) -> dict[str, float]:
+        """Images of the embedding's token alone, judged by ConceptWorld's judge: per concept, the
+        share of images that show it."""
         from guard.embeddings import encode_prompt
-        from unlearn.evaluation import concept_attributes, judge_hits
+        from unlearn.evaluation import concept_attributes, judge_rate, judge_rows
 
-        n = concept.guard.probe_samples
+        n = max(c.guard.probe_samples for c in concepts)
         emb = encode_prompt(self.pipe, ti.token, [ti]).repeat(n, 1, 1)
         neg = encode_prompt(self.pipe, "").repeat(n, 1, 1)
-        images = self.pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np").images
-        signature, _ = concept_attributes(concept)
-        return judge_hits(images, signature) >= 0.5
+        images = self.pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=PROBE_STEPS, generator=torch.Generator().manual_seed(0), output_type="np").images
+        rows = judge_rows(images)
+        return {c.id: judge_rate(rows[: c.guard.probe_samples], concept_attributes(c)[0]) for c in concepts}
 
     @property
     def guard(self):

@@ -93,14 +93,25 @@ def paraphrases(concept, n: int = 2, seed: int = 0) -> list[str]:
     return out
 
 
-def judge_hits(images: np.ndarray, attrs: Mapping[str, str]) -> float:
-    """Share of images in which the judge finds every attribute of ``attrs``."""
+def judge_rows(images: np.ndarray) -> list[dict]:
+    """The judge's reading of each image (attribute -> (value, confidence))."""
     import conceptworld
 
+    return conceptworld.judge(images)
+
+
+def judge_rate(rows: Sequence[Mapping], attrs: Mapping[str, str]) -> float:
+    """Share of judged images (``judge_rows``) that show every attribute of ``attrs``."""
+    if not attrs or not rows:
+        return float("nan")
+    return float(np.mean([all(r[k][0] == v for k, v in attrs.items() if k in r) for r in rows]))
+
+
+def judge_hits(images: np.ndarray, attrs: Mapping[str, str]) -> float:
+    """Share of images in which the judge finds every attribute of ``attrs``."""
     if not attrs:
         return float("nan")
-    rows = conceptworld.judge(images)
-    return float(np.mean([all(r[k][0] == v for k, v in attrs.items() if k in r) for r in rows]))
+    return judge_rate(judge_rows(images), attrs)
 
 
 def _images(pipe, prompt: str, n: int, seed: int, steps: int, guidance: float) -> np.ndarray:
