@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -74,6 +76,7 @@ def edit_distance(a: str, b: str, cap: int = 3) -> int:
     return prev[-1]
 
 
+SIGNATURE_VERSION = "1"  # bump when _text_signature changes
 MAX_SYNONYMS = 12  # a term closer than the threshold to more words than this has no usable synonyms
 
 
@@ -115,7 +118,7 @@ class Guard:
     computed once here, with the patches lifted for the duration.
     """
 
-    def __init__(self, policy, pipe, stack=None, *, probe: Callable | None = None):
+    def __init__(self, policy, pipe, stack=None, *, probe: Callable | None = None, cache_dir: str | Path | None = None):
         self.pipe = pipe
         self.concepts = [c for c in policy.spec.concepts if c.guard is not None and c.guard.enabled]
         self.probe = probe
@@ -125,7 +128,7 @@ class Guard:
         self.matchers = {}
         self.undistinguished: dict[str, int] = {}  # term -> words it is not told apart from
         with torch.no_grad():
-            word_sigs = self._word_signatures(self.vocab_words) if self.concepts else None
+            word_sigs = self._cached_word_signatures(cache_dir) if self.concepts else None
             # centre on the vocabulary's mean: what all words share says nothing about meaning
             self._centre = word_sigs.mean(0) if word_sigs is not None and len(word_sigs) else None
             if self._centre is not None:
@@ -142,6 +145,31 @@ class Guard:
     # ---- text-encoder similarity -------------------------------------------------------------
     def _vocabulary_words(self) -> list[str]:
         return vocabulary_words(self.pipe.tokenizer, min_chars=3)
+
+    def _cached_word_signatures(self, cache_dir: str | Path | None) -> torch.Tensor:
+        """The vocabulary's signatures, kept in ``cache_dir`` (keyed by the base text encoder's
+        fingerprint and the word list) so that a replica restart does not recompute them."""
+        if cache_dir is None:
+            return self._word_signatures(self.vocab_words)
+        from safetensors.torch import load_file, save_file
+
+        from unlearn.patch import fingerprint
+
+        h = hashlib.sha256(f"{SIGNATURE_VERSION}|{fingerprint(self.pipe.text_encoder)}|".encode())
+        h.update("\n".join(self.vocab_words).encode())
+        path = Path(cache_dir) / "guard" / f"words-{h.hexdigest()[:32]}.safetensors"
+        try:
+            sigs = load_file(str(path))["signatures"]
+            if sigs.shape[0] == len(self.vocab_words):
+                return sigs
+        except Exception:  # absent or unreadable: recompute and rewrite
+            pass
+        sigs = self._word_signatures(self.vocab_words)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({"signatures": sigs.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return sigs
 
     def _word_signatures(self, words: Sequence[str]) -> torch.Tensor:
         out = []

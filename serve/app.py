@@ -46,6 +46,8 @@ class ServeSettings(BaseModel):
     video_replicas: PositiveInt = Field(default=1, description="Replicas of the text-to-video deployment.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per model replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per model replica.")
+    torch_threads: PositiveInt | None = Field(default=None, description="Intra-op threads of a replica's torch; default: Ray's, one per CPU of num_cpus.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the model replicas, e.g. {OMP_WAIT_POLICY: PASSIVE} on a CPU shared with the HTTP proxy.")
     max_batch_size: PositiveInt = Field(default=8, description="Most image requests batched into one generation.")
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="How long a batch waits to fill.")
     max_ongoing_requests: PositiveInt = Field(default=32, description="Requests a model replica accepts at once.")
@@ -71,8 +73,12 @@ class _ModelDeployment:
 
     kind = ""
 
-    def __init__(self, cache_dir: str | None, device: str | None, seed: int):
+    def __init__(self, cache_dir: str | None, device: str | None, seed: int, torch_threads: int | None = None):
         self.cache_dir, self.device, self.seed = cache_dir, device, seed
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.model = None
         self.error: str | None = None
 
@@ -346,11 +352,11 @@ def build_app(settings: ServeSettings):
     user_config = policy_user_config(settings.policy)
     opts = dict(
         num_replicas=None,
-        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, **({"runtime_env": {"env_vars": settings.env_vars}} if settings.env_vars else {})},
         user_config=user_config,
         max_ongoing_requests=settings.max_ongoing_requests,
     )
-    args = (settings.cache_dir, settings.device, settings.seed)
+    args = (settings.cache_dir, settings.device, settings.seed, settings.torch_threads)
     image = ImageModel.options(**{**opts, "num_replicas": settings.image_replicas}).bind(*args) if "text_to_image" in models else None
     video = VideoModel.options(**{**opts, "num_replicas": settings.video_replicas}).bind(*args) if "text_to_video" in models else None
     gateway = Gateway.options(ray_actor_options={"num_cpus": 0})  # I/O only; leave the CPUs to the models

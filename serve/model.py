@@ -203,7 +203,7 @@ class PatchedModel:
         if not any(c.guard is not None and c.guard.enabled for c in policy.spec.concepts):
             return None
         probe = self._judge_probe if (self.kind == "text_to_image" and self.source.builtin == "conceptworld") else None
-        return Guard(policy, self.pipe, probe=probe)
+        return Guard(policy, self.pipe, probe=probe, cache_dir=self.cache.root)
 
     def _judge_probe(self, ti, concepts) -> dict[str, float]:
         """Images of the embedding's token alone, judged by ConceptWorld's judge: per concept, the
