@@ -93,3 +93,24 @@ def test_synonyms_come_from_the_text_encoder_and_unknown_words_match_by_spelling
     assert g.check("a scarlet star on dots").action == "block"  # synonym
     assert g.check("a yellow cross on a plain background").action == "allow"
     assert g.check("a star with bloood").action == "block"  # misspelling still matches
+
+
+def test_vocabulary_signatures_are_cached_per_text_encoder_and_a_bad_cache_file_is_rewritten(tmp_path):
+    import conceptworld
+    from safetensors.torch import load_file
+
+    text = POLICY.format(action="block").replace("blocked_terms: [blood]", "blocked_terms: [blood, crimson]")
+    pipe = conceptworld.load_t2i()
+    first = Guard(load_policy_text(text, "g.yaml"), pipe, cache_dir=tmp_path)
+    [path] = (tmp_path / "guard").glob("words-*.safetensors")
+    assert load_file(str(path))["signatures"].shape[0] == len(first.vocab_words)
+    path.write_bytes(b"not a safetensors file")
+    again = Guard(load_policy_text(text, "g.yaml"), pipe, cache_dir=tmp_path)
+    assert again.matchers["zorblax"][1].synonyms == first.matchers["zorblax"][1].synonyms
+    assert load_file(str(path))["signatures"].shape[0] == len(first.vocab_words)  # rewritten
+    reused = Guard(load_policy_text(text, "g.yaml"), pipe, cache_dir=tmp_path)
+    assert reused.matchers["zorblax"][1].synonyms == first.matchers["zorblax"][1].synonyms
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[5] += 1.0  # another text encoder
+    Guard(load_policy_text(text, "g.yaml"), pipe, cache_dir=tmp_path)
+    assert len(list((tmp_path / "guard").glob("words-*.safetensors"))) == 2

@@ -10,6 +10,11 @@ distribution of an *anchor* prompt:
 
 An optional regulariser (the ordinary diffusion loss on anchor prompts and anchor images)
 keeps the anchor itself intact. The parameter group is cross-attention key/value by default.
+
+The paper trains on many captions that contain the concept, each paired with the same caption
+with the anchor in its place. ``context_prompts`` does that without a caption generator: a
+target phrasing and the anchor are placed in the same random context of the model's vocabulary
+words (the model-based goal is the frozen prediction for the anchor caption).
 """
 
 from __future__ import annotations
@@ -22,6 +27,22 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+from .closed_form import random_prompts
+
+
+def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[str, str]]:
+    """``n`` (target caption, anchor caption) pairs: a phrasing of the target and the anchor in
+    the same context of random vocabulary words, split before and after at a random point."""
+    phrasings = target_prompts(concept)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, ctx in enumerate(random_prompts(den, [concept], n, seed=seed)):
+        words = ctx.split()
+        cut = int(torch.randint(0, len(words) + 1, (1,), generator=gen))
+        before, after = " ".join(words[:cut]), " ".join(words[cut:])
+        phrase = phrasings[i % len(phrasings)]
+        out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after]))))
+    return out
 
 
 @register_method
@@ -31,22 +52,22 @@ class Ablation(UnlearnMethod):
     def edit(self, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], *, progress: bool) -> None:
         (concept,) = concepts
         cfg = self.config
-        targets = target_prompts(concept)
+        pairs = [(t, concept.anchor) for t in target_prompts(concept)]
+        pairs += context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
         anchor = concept.anchor
         anchor_x0 = den.sample_latents(anchor, cfg.anchor_images)
         n_pairs = cfg.steps * cfg.batch_size
-        # Draw every (x_t, t, target prompt) of the run up front and compute the frozen model's
+        # Draw every (x_t, t, prompt pair) of the run up front and compute the frozen model's
         # anchor prediction for it now, before any weight moves: no frozen copy of the UNet needed.
         gen = den.generator
         idx = torch.randint(0, len(anchor_x0), (n_pairs,), generator=gen)
-        prompt_idx = torch.randint(0, len(targets), (n_pairs,), generator=gen)
+        prompt_idx = torch.randint(0, len(pairs), (n_pairs,), generator=gen)
         x0 = anchor_x0[idx]
         x_t, noise, t = den.noised(x0)
         if cfg.variant == "model":
             with torch.no_grad():
-                anchor_emb = den.encode([anchor])
                 goal = torch.cat(
-                    [den.predict(x_t[i : i + 64], t[i : i + 64], anchor_emb.expand(len(x_t[i : i + 64]), -1, -1)) for i in range(0, n_pairs, 64)]
+                    [den.predict(x_t[i : i + 64], t[i : i + 64], den.encode([pairs[int(k)][1] for k in prompt_idx[i : i + 64]])) for i in range(0, n_pairs, 64)]
                 )
         else:
             goal = noise
@@ -54,7 +75,7 @@ class Ablation(UnlearnMethod):
         bar = progress_bar(cfg.steps, f"ablation {concept.id}", progress)
         for step in range(cfg.steps):
             sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            emb = den.encode([targets[int(i)] for i in prompt_idx[sl]])
+            emb = den.encode([pairs[int(i)][0] for i in prompt_idx[sl]])
             loss = F.mse_loss(den.predict(x_t[sl], t[sl], emb), goal[sl])
             if cfg.regularization_weight > 0:
                 rx, rnoise, rt = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (cfg.batch_size,), generator=gen)])
