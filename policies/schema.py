@@ -239,6 +239,9 @@ class AblationConfig(_MethodConfig):
     regularization_weight: NonNegativeFloat = Field(
         default=0.0, description="Weight of the loss that keeps anchor outputs unchanged; 0 turns it off."
     )
+    preserve_weight: NonNegativeFloat = Field(
+        default=0.0, description="Weight of a loss that keeps the model's predictions for the concept's preserve prompts as the base model's; 0 turns it off."
+    )
     context_prompts: NonNegativeInt = Field(
         default=0,
         description="Extra training pairs that place a target phrasing and the anchor in the same random context of vocabulary words, so the concept is ablated inside longer prompts too; 0: the target phrasings alone.",

@@ -23,12 +23,13 @@ spec:
 
 METHODS = {
     "ablation": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, regularization_weight: 0.5}",
+    "ablation_context": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, context_prompts: 6, preserve_weight: 1.0}",
     "ablation_noise": "{name: ablation, variant: noise, parameters: embedding, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4}",
     "forget_me_not": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "closed_form": "{name: closed_form}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "closed_form": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "closed_form": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -134,3 +135,18 @@ def test_registry_rejects_duplicates_and_unknown_names():
 
     with pytest.raises(PatchError, match="Known methods"):
         get_method("esd")
+
+
+def test_ablation_context_pairs_put_target_and_anchor_in_the_same_context(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+    from unlearn.methods.ablation import context_pairs
+
+    concept = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS["ablation_context"])).spec.concepts[0]
+    pairs = context_pairs(Denoiser(tiny_pipeline()), concept, 20, seed=3)
+    assert len(pairs) == 20 and len(set(pairs)) > 10
+    for target, anchor in pairs:
+        phrase = next(p for p in ("the zorblax", "zorblax") if p in target)
+        assert anchor == target.replace(phrase, "a green circle", 1)
+        assert target.split().count("zorblax") == 1  # the context never names the target itself
+    assert any(not t.startswith(("zorblax", "the zorblax")) for t, _ in pairs)  # context before it
+    assert any(not t.endswith("zorblax") for t, _ in pairs)  # and after it

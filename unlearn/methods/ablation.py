@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
-from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+from .base import UnlearnMethod, preserve_prompts, progress_bar, register_method, target_prompts
 from .closed_form import random_prompts
 
 
@@ -71,6 +71,7 @@ class Ablation(UnlearnMethod):
                 )
         else:
             goal = noise
+        keep = self._preserve_targets(den, concept, anchor_x0, n_pairs) if cfg.preserve_weight > 0 else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"ablation {concept.id}", progress)
         for step in range(cfg.steps):
@@ -81,9 +82,27 @@ class Ablation(UnlearnMethod):
                 rx, rnoise, rt = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (cfg.batch_size,), generator=gen)])
                 remb = den.encode([anchor] * cfg.batch_size)
                 loss = loss + cfg.regularization_weight * F.mse_loss(den.predict(rx, rt, remb), rnoise)
+            if keep is not None:
+                px_t, p_t, p_prompts, p_goal = keep
+                loss = loss + cfg.preserve_weight * F.mse_loss(den.predict(px_t[sl], p_t[sl], den.encode(p_prompts[sl])), p_goal[sl])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
+
+    @staticmethod
+    @torch.no_grad()
+    def _preserve_targets(den: Denoiser, concept, anchor_x0: torch.Tensor, n: int):
+        """``n`` (x_t, t, preserve prompt, frozen prediction) draws for the loss that keeps the
+        concept's preserve prompts answered as the base model answers them (prompts naming the
+        target itself are left out: they are meant to change)."""
+        prompts = preserve_prompts([concept])
+        if not prompts:
+            return None
+        gen = den.generator
+        x_t, _, t = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (n,), generator=gen)])
+        chosen = [prompts[int(i)] for i in torch.randint(0, len(prompts), (n,), generator=gen)]
+        goal = torch.cat([den.predict(x_t[i : i + 64], t[i : i + 64], den.encode(chosen[i : i + 64])) for i in range(0, n, 64)])
+        return x_t, t, chosen, goal

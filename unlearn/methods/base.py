@@ -9,6 +9,7 @@ included) and a patch only takes effect through :class:`~unlearn.patch.PatchStac
 from __future__ import annotations
 
 import abc
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
@@ -111,6 +112,13 @@ class UnlearnMethod(abc.ABC):
 def target_prompts(concept) -> list[str]:
     """The target's canonical text followed by its other phrasings."""
     return [concept.target.text, *concept.target.phrasings]
+
+
+def preserve_prompts(concepts: Sequence) -> list[str]:
+    """The concepts' preserve prompts, less any that names a target of these same concepts (an
+    edit that erases a concept cannot also hold a prompt asking for it fixed)."""
+    targets = [t.lower() for concept in concepts for t in target_prompts(concept)]
+    return [p for concept in concepts for p in concept.preserve if not any(re.search(rf"\b{re.escape(t)}\b", p.lower()) for t in targets)]
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

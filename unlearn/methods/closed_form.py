@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser, vocabulary_words
-from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+from .base import UnlearnMethod, preserve_prompts, progress_bar, register_method, target_prompts
 
 
 def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +74,7 @@ class ClosedForm(UnlearnMethod):
             c_e = torch.cat(erase_c).double()  # (n, d)
             a_e = torch.cat(erase_a).double()
             # a preserve prompt that names a concept this same edit erases cannot be held fixed
-            targets = [t.lower() for concept in concepts for t in target_prompts(concept)]
-            preserve = [p for concept in concepts for p in concept.preserve if not any(re.search(rf"\b{re.escape(t)}\b", p.lower()) for t in targets)]
+            preserve = preserve_prompts(concepts)
             preserve += random_prompts(den, concepts, cfg.preserve_vocabulary, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
             if preserve:
                 # every position, padding included: all of them feed the cross-attention
