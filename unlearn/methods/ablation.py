@@ -53,7 +53,8 @@ class Ablation(UnlearnMethod):
         (concept,) = concepts
         cfg = self.config
         pairs = [(t, concept.anchor) for t in target_prompts(concept)]
-        pairs += context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
+        if cfg.context_prompts:
+            pairs += context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
         anchor = concept.anchor
         anchor_x0 = den.sample_latents(anchor, cfg.anchor_images)
         n_pairs = cfg.steps * cfg.batch_size
