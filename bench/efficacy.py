@@ -94,7 +94,7 @@ def judge_bars(report: dict, method: str) -> dict:
     return out
 
 
-def run(method: str, concept_ids: list[str], video: bool, samples: int, out: Path, seed: int, label: str) -> dict:
+def run(method: str, concept_ids: list[str], video: bool, samples: int, out: Path, seed: int, label: str, video_clips: int | None = None) -> dict:
     from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines, require_all_applied
     from unlearn.evaluation import evaluate_policy
 
@@ -105,7 +105,7 @@ def run(method: str, concept_ids: list[str], video: bool, samples: int, out: Pat
     build_s = time.perf_counter() - t0
     stacks = apply_patches(models, built)
     require_all_applied(policy, models, stacks)
-    report = evaluate_policy(policy, models, stacks, built, samples=samples, seed=seed, out_dir=out / label)
+    report = evaluate_policy(policy, models, stacks, built, samples=samples, seed=seed, out_dir=out / label, video_clips=video_clips)
     return {"method": method, "build_seconds": round(build_s, 2), "bars": judge_bars(report, method), "report": f"{label}/report.json"}
 
 
@@ -116,20 +116,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHOD_SETTINGS))
     parser.add_argument("--concepts", default="zorblax,stripes,star")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--video-clips", type=int, default=8, help="clips per prompt on the video model (8 frames each, all judged)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results_path = args.out / "efficacy.json"
+    # runs of other methods already in the file are kept: a run can be split by --methods
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2))
+
     concept_ids = args.concepts.split(",")
     for method in args.methods.split(","):
         video = method == "text_encoder"
         for cid in concept_ids:  # one concept per edit; closed_form also removes five at once below
             label = f"{method}-{cid}"
-            results[label] = run(method, [cid], video, args.samples, args.out, args.seed, label)
+            results[label] = run(method, [cid], video, args.samples, args.out, args.seed, label, args.video_clips)
             print_table(label, results[label])
+            save()
     if "closed_form" in args.methods.split(","):
         results["closed_form_5"] = run("closed_form", list(CONCEPTS), False, args.samples, args.out, args.seed, "closed_form_5")
         print_table("closed_form x5", results["closed_form_5"])
-    (args.out / "efficacy.json").write_text(json.dumps(results, indent=2))
+        save()
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in results.items()}))
     return results
 

@@ -134,21 +134,26 @@ def evaluate_policy(
     seed: int = 0,
     out_dir: Path | None = None,
     judged: bool = True,
+    video_clips: int | None = None,
 ) -> dict:
     """Compare base and patched samples. ``stacks`` hold the applied patches; they are removed
-    and re-applied around the base samples, so the models end patched as they started."""
+    and re-applied around the base samples, so the models end patched as they started.
+
+    ``samples`` images per prompt; a video model generates ``video_clips`` clips per prompt
+    instead (default: ``samples``) and every frame is judged."""
     from .engine import SCOPE_MODELS
 
     concepts = list(policy.spec.concepts)
-    report: dict = {"policy": policy.metadata.name, "version": policy.metadata.version, "samples": samples, "concepts": {}, "unrelated": {}}
+    report: dict = {"policy": policy.metadata.name, "version": policy.metadata.version, "samples": samples, "video_clips": video_clips or samples, "concepts": {}, "unrelated": {}}
 
     def sample_both(key: str, prompt: str, s: int) -> tuple[np.ndarray, np.ndarray]:
         pipe, stack = models[key], stacks[key]
+        n = (video_clips or samples) if hasattr(pipe, "motion_adapter") else samples
         applied = list(stack.applied)
         stack.remove_all()
-        base = _images(pipe, prompt, samples, s, steps, guidance)
+        base = _images(pipe, prompt, n, s, steps, guidance)
         stack.apply_all(applied)
-        return base, _images(pipe, prompt, samples, s, steps, guidance)
+        return base, _images(pipe, prompt, n, s, steps, guidance)
 
     grids: list[tuple[str, np.ndarray, np.ndarray]] = []
     for ci, concept in enumerate(concepts):
