@@ -220,7 +220,8 @@ class Guard:
         return self._conditioning(encode_prompt(self.pipe, prompt, embeddings), length)
 
     def _base_signatures(self, stack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        wanted = [c for c in self.concepts if c.guard.detect_restoring]
+        # concepts decided by a probe need no signature: computing theirs would only slow start-up
+        wanted = [c for c in self.concepts if c.guard.detect_restoring and not (self.probe and c.guard.probe_samples)]
         if not wanted:
             return {}
         applied = list(stack.applied) if stack is not None else []
