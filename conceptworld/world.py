@@ -4,7 +4,8 @@ An image shows one object on a background. The object has a *shape* and a *color
 background is a *texture* that plays the role of an artistic style, and three *instances* are
 fixed designs bound to invented proper names (the analogue of a named character or a memorized
 image); each instance's generic shape and color is its natural anchor. Videos show the same
-objects moving in one of four directions.
+objects moving in one of four directions; a moving object leaves a fading trail, so one frame
+(or a still of a moving object) shows which way it goes.
 
 Everything here is plain numpy so that rendering, captions and the vocabulary can be used
 without torch.
