@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the image replica (default: Ray's)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the replica (repeatable)")
     parser.add_argument("--skip-startup", action="store_true", help="measure serving only")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most image requests the replica batches")
+    parser.add_argument("--batch-wait-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
     parser.add_argument("--policy", type=Path, default=ROOT / "policies" / "conceptworld-demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_serve.json"))
     args = parser.parse_args(argv)
@@ -161,8 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     # Ray sets a replica's torch threads from num_cpus; measured here: 1 CPU gave 5.8 req/s, every
     # core (2) gave 3.4 req/s on this 2-core machine (the gateway and Ray share the cores)
-    settings = ServeSettings(policy=str(policy_path), cache_dir=cache, num_cpus=args.replica_cpus, torch_threads=args.torch_threads, env_vars=dict(kv.split("=", 1) for kv in args.env))
-    results["replica"] = {"num_cpus": args.replica_cpus, "torch_threads": args.torch_threads, "env": settings.env_vars}
+    settings = ServeSettings(
+        policy=str(policy_path),
+        cache_dir=cache,
+        num_cpus=args.replica_cpus,
+        torch_threads=args.torch_threads,
+        env_vars=dict(kv.split("=", 1) for kv in args.env),
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout,
+    )
+    results["replica"] = {"num_cpus": args.replica_cpus, "torch_threads": args.torch_threads, "env": settings.env_vars, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout}
     serve.run(build_app(settings), name="conceptguard", route_prefix="/")
     client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients * 2))
     url = f"http://127.0.0.1:{args.port}/v1/images"
