@@ -274,6 +274,10 @@ class TextEncoderConfig(_MethodConfig):
     steps: PositiveInt = Field(default=100, description="Number of fine-tuning steps.")
     learning_rate: PositiveFloat = Field(default=1e-5, le=1.0, description="Learning rate of the fine-tuning.")
     images: PositiveInt = Field(default=8, description="Number of images of the target concept used as training data.")
+    context_prompts: NonNegativeInt = Field(
+        default=0,
+        description="Extra training pairs that place a target phrasing and the anchor in the same random context of vocabulary words, so the encoder also re-maps the concept inside longer prompts; 0: the target phrasings alone.",
+    )
 
     @property
     def parameter_group(self) -> str:

@@ -26,23 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
-from .base import UnlearnMethod, preserve_prompts, progress_bar, register_method, target_prompts
-from .closed_form import random_prompts
-
-
-def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[str, str]]:
-    """``n`` (target caption, anchor caption) pairs: a phrasing of the target and the anchor in
-    the same context of random vocabulary words, split before and after at a random point."""
-    phrasings = target_prompts(concept)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i, ctx in enumerate(random_prompts(den, [concept], n, seed=seed)):
-        words = ctx.split()
-        cut = int(torch.randint(0, len(words) + 1, (1,), generator=gen))
-        before, after = " ".join(words[:cut]), " ".join(words[cut:])
-        phrase = phrasings[i % len(phrasings)]
-        out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after]))))
-    return out
+from .base import UnlearnMethod, context_pairs, preserve_prompts, progress_bar, register_method, target_prompts
 
 
 @register_method

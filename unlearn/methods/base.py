@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, vocabulary_words
 from ..patch import Patch, PatchError, PatchMetadata, fingerprint, pipeline_components, project_version, select_parameters
 
 _REGISTRY: dict[str, type["UnlearnMethod"]] = {}
@@ -119,6 +119,34 @@ def preserve_prompts(concepts: Sequence) -> list[str]:
     edit that erases a concept cannot also hold a prompt asking for it fixed)."""
     targets = [t.lower() for concept in concepts for t in target_prompts(concept)]
     return [p for concept in concepts for p in concept.preserve if not any(re.search(rf"\b{re.escape(t)}\b", p.lower()) for t in targets)]
+
+
+def random_prompts(den: Denoiser, concepts: Sequence, n: int, *, seed: int) -> list[str]:
+    """``n`` prompts of 1-5 random vocabulary words, none of them a word of the concepts' targets."""
+    if n <= 0:
+        return []
+    banned = {w for concept in concepts for p in target_prompts(concept) for w in re.findall(r"[a-z]+", p.lower())}
+    words = [w for w in vocabulary_words(den.tokenizer) if w not in banned]
+    if not words:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (n,), generator=gen).tolist()
+    return [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist()) for k in lengths]
+
+
+def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[str, str]]:
+    """``n`` (target caption, anchor caption) pairs: a phrasing of the target and the anchor in
+    the same context of random vocabulary words, split before and after at a random point."""
+    phrasings = target_prompts(concept)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, ctx in enumerate(random_prompts(den, [concept], n, seed=seed)):
+        words = ctx.split()
+        cut = int(torch.randint(0, len(words) + 1, (1,), generator=gen))
+        before, after = " ".join(words[:cut]), " ".join(words[cut:])
+        phrase = phrasings[i % len(phrasings)]
+        out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after]))))
+    return out
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

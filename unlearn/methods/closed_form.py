@@ -14,14 +14,13 @@ Many concepts are erased in one edit.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser, vocabulary_words
-from .base import UnlearnMethod, preserve_prompts, progress_bar, register_method, target_prompts
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
 
 
 def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,19 +41,6 @@ def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor
     c = torch.cat([emb[0, first:kt], emb[0, kt : kt + n]])
     a = torch.cat([emb[1, ka : ka + 1].expand(kt - first, -1), emb[1, ka : ka + n]])
     return c, a
-
-
-def random_prompts(den: Denoiser, concepts: Sequence, n: int, *, seed: int) -> list[str]:
-    """``n`` prompts of 1-5 random vocabulary words, none of them a word of the concepts' targets."""
-    if n <= 0:
-        return []
-    banned = {w for concept in concepts for p in target_prompts(concept) for w in re.findall(r"[a-z]+", p.lower())}
-    words = [w for w in vocabulary_words(den.tokenizer) if w not in banned]
-    if not words:
-        return []
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 6, (n,), generator=gen).tolist()
-    return [" ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=gen).tolist()) for k in lengths]
 
 
 @register_method

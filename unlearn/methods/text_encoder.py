@@ -8,7 +8,9 @@ AnimateDiff share CLIP; SD-2 and ModelScope/Zeroscope share OpenCLIP).
 Here the encoder is trained so that, on a few generated images of the target and of the anchor,
 the UNet conditioned on the *tuned* encoding of the target predicts what the frozen model
 predicts for the anchor; the encodings of the preserve prompts are held at their original
-values. The UNet never changes, so the patch only touches ``text_encoder`` and applies to the
+values. With ``context_prompts`` the target also appears inside random contexts of the
+vocabulary, each paired with the same context around the anchor (encoded before any weight
+moves), so longer prompts naming the concept are re-mapped too. The UNet never changes, so the patch only touches ``text_encoder`` and applies to the
 image and video pipelines alike.
 """
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
-from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+from .base import UnlearnMethod, context_pairs, progress_bar, register_method, target_prompts
 
 
 @register_method
@@ -35,9 +37,11 @@ class TextEncoderUnlearning(UnlearnMethod):
         half = max(1, cfg.images // 2)
         x0 = torch.cat([den.sample_latents(concept.target.text, half), den.sample_latents(concept.anchor, cfg.images - half or 1)])
         preserve = list(concept.preserve)
+        pairs = context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))) if cfg.context_prompts else []
         with torch.no_grad():
             anchor_emb = den.encode([concept.anchor])
             preserve_goal = den.encode(preserve) if preserve else None
+            context_goal = torch.cat([den.encode([a for _, a in pairs[i : i + 64]]) for i in range(0, len(pairs), 64)]) if pairs else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"text_encoder {concept.id}", progress)
         batch = 4
@@ -48,6 +52,11 @@ class TextEncoderUnlearning(UnlearnMethod):
                 goal = den.predict(x_t, t, anchor_emb.expand(batch, -1, -1))
             chosen = [targets[int(i)] for i in torch.randint(0, len(targets), (batch,), generator=den.generator)]
             loss = F.mse_loss(den.predict(x_t, t, den.encode(chosen)), goal)
+            if context_goal is not None:
+                k = torch.randint(0, len(pairs), (batch,), generator=den.generator)
+                with torch.no_grad():
+                    ctx_goal = den.predict(x_t, t, context_goal[k])
+                loss = loss + F.mse_loss(den.predict(x_t, t, den.encode([pairs[int(i)][0] for i in k])), ctx_goal)
             if preserve_goal is not None:
                 loss = loss + F.mse_loss(den.encode(preserve), preserve_goal)
             opt.zero_grad(set_to_none=True)
