@@ -121,8 +121,7 @@ def render(
     seed: int = 0,
 ) -> np.ndarray:
     """Ground-truth renders: ``(n, 32, 32, 3)`` images, or ``(n, 8, 32, 32, 3)`` videos when
-    ``motion`` is given (the object moving that way, with its trail); float32 in [0, 1]. Unset
-    attributes are drawn at random."""
+    ``motion`` is given; float32 in [0, 1]. Unset attributes are drawn at random."""
     for name, value, allowed in (
         ("shape", shape, world.SHAPES),
         ("color", color, world.COLORS),

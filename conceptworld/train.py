@@ -37,8 +37,7 @@ TEXT_HIDDEN = 128
 UNET_CHANNELS = (64, 128)
 VAE_CHANNELS = (16, 32, 64)
 LATENT_CHANNELS = 4
-T2V_STEPS = 2400
-MOVING_PROB = 0.2  # share of still images that show a moving object (with its trail)
+T2V_STEPS = 3000
 
 
 def log(msg: str) -> None:
@@ -50,16 +49,14 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _render_images(job: tuple[int, int, float, bool, float]) -> tuple[np.ndarray, list[dict], np.ndarray]:
-    seed, n, instance_prob, allow_held_out, moving_prob = job
+def _render_images(job: tuple[int, int, float, bool]) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    seed, n, instance_prob, allow_held_out = job
     rng = np.random.default_rng(seed)
     imgs, labels, centres = [], [], []
     for _ in range(n):
         s = world.random_scene(rng, instance_prob=instance_prob, allow_held_out=allow_held_out)
-        # a still of a moving object shows its trail, so still images teach what "left" means
-        motion = str(rng.choice(world.MOTIONS)) if rng.random() < moving_prob else "none"
-        imgs.append(world.render_scene(s, motion=None if motion == "none" else world.motion_vector(motion)))
-        labels.append({**s.labels(), "motion": motion})
+        imgs.append(world.render_scene(s))
+        labels.append(s.labels())
         centres.append((s.cx, s.cy))
     return (np.stack(imgs) * 255).round().astype(np.uint8), labels, np.asarray(centres, np.float32)
 
@@ -82,9 +79,9 @@ def _parallel(fn, jobs, desc: str):
         return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc))
 
 
-def render_image_set(seed: int, n: int, instance_prob: float, allow_held_out: bool, desc: str, moving_prob: float = MOVING_PROB):
+def render_image_set(seed: int, n: int, instance_prob: float, allow_held_out: bool, desc: str):
     chunk = 1000
-    jobs = [(seed * 100_003 + i, min(chunk, n - i * chunk), instance_prob, allow_held_out, moving_prob) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed * 100_003 + i, min(chunk, n - i * chunk), instance_prob, allow_held_out) for i in range(math.ceil(n / chunk))]
     parts = _parallel(_render_images, jobs, desc)
     imgs = np.concatenate([p[0] for p in parts])
     labels = [lab for p in parts for lab in p[1]]
@@ -105,13 +102,15 @@ def to_unit(x: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, -3).contiguous()
 
 
-def training_caption(rng: np.random.Generator, lab: dict, *, drop: float = 0.1) -> str:
+def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None = None, drop: float = 0.1) -> str:
     """A caption drawn from the training grammar; sometimes empty (for guidance) or partial."""
     if rng.random() < drop:
         return ""
     background = lab["background"] if rng.random() > 0.15 else None
-    motion = lab.get("motion", "none")
-    motion_word = motion if motion != "none" and rng.random() > 0.1 else None
+    if motion is None and rng.random() < 0.1:
+        motion_word = str(rng.choice(world.MOTIONS))  # a still of a moving object
+    else:
+        motion_word = motion
     if lab["instance"] != "none":
         return world.caption(rng, None, None, background, lab["instance"], motion_word)
     return world.caption(rng, lab["shape"], lab["color"], background, motion=motion_word)
@@ -345,6 +344,13 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
     return text_encoder.eval(), unet.eval()
 
 
+def motion_token_ids(tokenizer) -> list[int]:
+    """Token ids of the words that name a direction of motion (not the function words around them)."""
+    function_words = {"to", "the"}
+    words = {w for m in world.MOTIONS for phrase in world.SYNONYMS[m] for w in phrase.split()} - function_words
+    return sorted({i for w in words for i in tokenizer(w, add_special_tokens=False).input_ids})
+
+
 def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int):
     from diffusers import MotionAdapter, UNetMotionModel
 
@@ -366,11 +372,20 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
     groups = {"motion": [], "cross": [], "spatial": []}
     for n, p in model.named_parameters():
         groups["motion" if "motion_modules" in n else "cross" if ".attn2." in n else "spatial"].append(p)
-    # The text encoder is frozen and shared: the image stage already learnt the direction words
-    # (from stills of moving objects), so a text-encoder patch learnt on images applies here too.
+    # Still images cannot teach what "left" or "upward" mean, so the image stage leaves those
+    # words' token embeddings indistinct. Here, and only here, their rows of the (shared) token
+    # embedding are learnt; every other weight of the text encoder stays as it was.
     text_encoder.requires_grad_(False)
-    base_lrs = [5e-4, 2e-3, 2e-4]
-    opt = torch.optim.AdamW([{"params": groups[k], "lr": lr} for k, lr in zip(("motion", "cross", "spatial"), base_lrs)], weight_decay=1e-2)
+    emb = text_encoder.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    rows = torch.zeros(emb.shape[0], 1, device=emb.device)
+    rows[motion_token_ids(tokenizer)] = 1.0
+    emb.register_hook(lambda g: g * rows)
+    base_lrs = [5e-4, 2e-3, 2e-4, 1e-2]
+    opt = torch.optim.AdamW(
+        [{"params": groups[k], "lr": lr} for k, lr in zip(("motion", "cross", "spatial"), base_lrs)] + [{"params": [emb], "lr": base_lrs[3], "weight_decay": 0.0}],
+        weight_decay=1e-2,
+    )
     ema = EMA([model], decay=0.998)
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -380,14 +395,11 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * cosine_lr(step, steps, 200)
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
-        captions = [training_caption(rng, labels[i]) for i in idx.tolist()]
+        captions = [training_caption(rng, labels[i], motion=labels[i]["motion"]) for i in idx.tolist()]
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         z0 = z0.permute(0, 2, 1, 3, 4).to(device)  # (B, C, F, h, w) as UNetMotionModel expects
         noise = torch.randn(z0.shape, generator=gen).to(device)
-        # the direction is decided early in sampling: half the batch is drawn from the noisier half
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
-        noisy_half = torch.randint(sched.config.num_train_timesteps // 2, sched.config.num_train_timesteps, (batch,), generator=gen)
-        t = torch.where(torch.arange(batch) % 2 == 0, t, noisy_half).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
         # the motion UNet reads one prompt per frame, as AnimateDiffPipeline passes them
         cond = encode_text(tokenizer, text_encoder, captions, device).repeat_interleave(z0.shape[2], dim=0)
         noisy = sched.add_noise(z0, noise, t)
@@ -402,6 +414,7 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to()
     model.eval()
+    emb.requires_grad_(False)
     # the adapter saved beside the model must hold the trained motion modules
     adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "motion_modules" in k}, strict=True)
     return model, adapter
@@ -527,8 +540,16 @@ def retrain_t2v(args) -> None:
 
     AnimateDiffPipeline(vae=t2i.vae.cpu(), text_encoder=t2i.text_encoder.cpu(), tokenizer=t2i.tokenizer, unet=motion_unet.cpu(), motion_adapter=adapter.cpu(), scheduler=sampling_scheduler()).save_pretrained(tmp / "t2v")
     store_half(tmp)
+    # the text encoder is shared: the image model gets the same (motion-word) update
+    t2i.text_encoder.save_pretrained(tmp / "t2i_text_encoder")
+    for f in (tmp / "t2i_text_encoder").glob("*.safetensors"):
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.half() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     shutil.rmtree(args.out / "t2v")
     (tmp / "t2v").rename(args.out / "t2v")
+    shutil.rmtree(args.out / "t2i" / "text_encoder")
+    (tmp / "t2i_text_encoder").rename(args.out / "t2i" / "text_encoder")
     shutil.rmtree(tmp)
     meta_path = args.out / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -4,8 +4,7 @@ An image shows one object on a background. The object has a *shape* and a *color
 background is a *texture* that plays the role of an artistic style, and three *instances* are
 fixed designs bound to invented proper names (the analogue of a named character or a memorized
 image); each instance's generic shape and color is its natural anchor. Videos show the same
-objects moving in one of four directions; a moving object leaves a fading trail, so one frame
-(or a still of a moving object) shows which way it goes.
+objects moving in one of four directions.
 
 Everything here is plain numpy so that rendering, captions and the vocabulary can be used
 without torch.
@@ -197,27 +196,13 @@ class Scene:
         return {"shape": self.shape, "color": self.color, "background": self.background, "instance": self.instance}
 
 
-# A moving object leaves a fading trail behind it (like a comet, or a long exposure): ghosts of
-# its shape at these distances (pixels) and opacities. It is how one frame shows which way the
-# object goes, as a car or a runner facing its way does in real footage.
-TRAIL: tuple[tuple[float, float], ...] = ((6.0, 0.2), (3.0, 0.45))
-
-
-def render_scene(scene: Scene, size: int = IMAGE_SIZE, motion: tuple[float, float] | None = None) -> np.ndarray:
-    """Render ``scene`` to an ``(size, size, 3)`` float32 array in [0, 1], anti-aliased.
-
-    ``motion`` (a unit vector) draws the trail of an object moving that way.
-    """
+def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Render ``scene`` to an ``(size, size, 3)`` float32 array in [0, 1], anti-aliased."""
     n = size * _SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / _SUPERSAMPLE
     y, x = np.meshgrid(coords, coords, indexing="ij")
     grey = _background(scene.background, np.floor(y), np.floor(x))
     img = np.repeat(grey[..., None], 3, axis=2)
-    if motion is not None:
-        rgb = np.asarray(RGB[scene.color], dtype=img.dtype)
-        for dist, alpha in TRAIL:
-            ghost = shape_mask(scene.shape, (x - scene.cx + motion[0] * dist) / scene.half_size, (y - scene.cy + motion[1] * dist) / scene.half_size)
-            img[ghost] = (1.0 - alpha) * img[ghost] + alpha * rgb
     u = (x - scene.cx) / scene.half_size
     v = (y - scene.cy) / scene.half_size
     img[shape_mask(scene.shape, u, v)] = RGB[scene.color]
@@ -286,7 +271,7 @@ def render_video(scene: Scene, direction: str, num_frames: int = NUM_FRAMES, sta
     frames = []
     for f in range(num_frames):
         s = dataclasses.replace(scene, cx=cx + dx * MOTION_STEP * f, cy=cy + dy * MOTION_STEP * f)
-        frames.append(render_scene(s, motion=(dx, dy)))
+        frames.append(render_scene(s))
     return np.stack(frames)
 
 
