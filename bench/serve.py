@@ -4,8 +4,9 @@
 
 1. Throughput and p50/p99 latency of ``POST /v1/images`` (real Ray Serve app, local Ray,
    ConceptWorld + the demo policy's patches) under concurrent clients, against calling the same
-   patched pipeline in-process with the same batches (``clients`` prompts per call). Bar: overhead <= 10% once the
-   CPU is saturated.
+   patched pipeline in-process with the same batches (``clients`` prompts per call), with every
+   core's torch threads (the bar: overhead <= 10% once the CPU is saturated) and with the replica's
+   threads (the same compute as the replica, which isolates the cost of Serve itself).
 2. Replica start-up with all patches in the cache against loading the same pipeline with no
    policy, two ways: in this process (the policy's own cost against a 0.07 s model load) and
    as a replica starts, a fresh process from spawn to ready (imports and weights included).
@@ -84,12 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--port", type=int, default=8799)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the image deployment")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="num_cpus of the image replica")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the image replica (default: Ray's)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the replica (repeatable)")
     parser.add_argument("--skip-startup", action="store_true", help="measure serving only")
     parser.add_argument("--max-batch-size", type=int, default=8, help="most image requests the replica batches")
-    parser.add_argument("--batch-wait-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
+    parser.add_argument("--batch-wait-timeout", type=float, default=0.05, help="seconds a batch waits to fill")
     parser.add_argument("--policy", type=Path, default=ROOT / "policies" / "conceptworld-demo.yaml")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_serve.json"))
     args = parser.parse_args(argv)
@@ -142,15 +144,25 @@ def main(argv: list[str] | None = None) -> dict:
     def request(i: int) -> dict:
         return {"prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
 
-    model.generate([request(i) for i in range(args.clients)])  # warm-up
-    latencies = []
-    t_start = time.perf_counter()
-    for start in range(0, args.requests, args.clients):
-        t0 = time.perf_counter()
-        chunk = range(start, min(start + args.clients, args.requests))
-        model.generate([request(i) for i in chunk])
-        latencies += [time.perf_counter() - t0] * len(chunk)
-    results["in_process"] = summarize(latencies, time.perf_counter() - t_start)
+    import torch
+
+    def in_process(threads: int) -> dict:
+        torch.set_num_threads(threads)
+        model.generate([request(i) for i in range(args.clients)])  # warm-up
+        latencies = []
+        t_start = time.perf_counter()
+        for start in range(0, args.requests, args.clients):
+            t0 = time.perf_counter()
+            chunk = range(start, min(start + args.clients, args.requests))
+            model.generate([request(i) for i in chunk])
+            latencies += [time.perf_counter() - t0] * len(chunk)
+        return {"torch_threads": threads, **summarize(latencies, time.perf_counter() - t_start)}
+
+    all_threads = torch.get_num_threads()
+    # the same compute as one replica: Ray gives it as many torch threads as CPUs
+    replica_threads = args.torch_threads or max(1, int(args.replica_cpus))
+    results["in_process_same_threads"] = in_process(replica_threads)
+    results["in_process"] = in_process(all_threads)
 
     # --- through HTTP -----------------------------------------------------------------------------
     import httpx
@@ -167,12 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         policy=str(policy_path),
         cache_dir=cache,
         num_cpus=args.replica_cpus,
+        image_replicas=args.replicas,
         torch_threads=args.torch_threads,
         env_vars=dict(kv.split("=", 1) for kv in args.env),
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout,
     )
-    results["replica"] = {"num_cpus": args.replica_cpus, "torch_threads": args.torch_threads, "env": settings.env_vars, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout}
+    results["replica"] = {"replicas": args.replicas, "num_cpus": args.replica_cpus, "torch_threads": args.torch_threads, "env": settings.env_vars, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout}
     serve.run(build_app(settings), name="conceptguard", route_prefix="/")
     client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients * 2))
     url = f"http://127.0.0.1:{args.port}/v1/images"
@@ -186,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     ray.shutdown()
     overhead = results["in_process"]["throughput_rps"] / results["http"]["throughput_rps"] - 1  # extra time per request
     results["throughput_overhead"] = {"measured": overhead, "bar": 0.10, "met": overhead <= 0.10}
+    same = results["in_process_same_threads"]["throughput_rps"] / results["http"]["throughput_rps"] - 1
+    results["throughput_overhead_same_threads"] = {"measured": same, "note": "against the in-process pipeline with the replica's torch threads"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
