@@ -27,8 +27,9 @@ CASES = [
     ("ablation", "zorblax", False),
     pytest.param("forget_me_not", "stripes", False, marks=_FMN),
     pytest.param("closed_form", "star", False, marks=_CF),
-    ("text_encoder", "zorblax", False),  # video transfer: bench/efficacy.py
+    ("text_encoder", "zorblax", True),  # learnt on images, judged on the video model too
 ]
+VIDEO_CLIPS = 3  # x 8 frames, every frame judged
 
 
 @pytest.mark.parametrize("method, concept, video", CASES, ids=["ablation-zorblax", "forget_me_not-stripes", "closed_form-star", "text_encoder-zorblax"])
@@ -37,7 +38,8 @@ def test_method_removes_its_concept_and_keeps_neighbours(method, concept, video,
     models = load_policy_pipelines(policy)
     built = build_patches(policy, models, PatchCache(tmp_path), progress=False)
     stacks = apply_patches(models, built)
-    report = evaluate_policy(policy, models, stacks, built, samples=SAMPLES, seed=0)
+    report = evaluate_policy(policy, models, stacks, built, samples=SAMPLES, seed=0, video_clips=VIDEO_CLIPS)
+    assert set(report["concepts"][concept]["models"]) == ({"text_to_image", "text_to_video"} if video else {"text_to_image"})
     for key, res in report["concepts"][concept]["models"].items():
         assert res["base_target_min"] >= 0.90, (key, res["prompts"])
         assert res["erased_max"] <= 0.10, (key, res["prompts"])
