@@ -32,7 +32,7 @@ logger = logging.getLogger("conceptguard.serve")
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "policies" / "conceptworld-demo.yaml"
 APP_NAME = "conceptguard"
 # Measured on 2 CPU cores, 8 clients: 0.01 s formed batches of ~2.5 (4.7 req/s), 0.05 s batches
-# of ~7 (6.7 req/s); 0.2 s gave no more. See README, Serving > Measured.
+# of ~7 (6.3-8.2 req/s over runs); 0.2 s gave no more. See README, Serving > Measured.
 DEFAULT_BATCH_WAIT_S = 0.05
 
 
