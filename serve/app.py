@@ -34,6 +34,7 @@ APP_NAME = "conceptguard"
 # Measured on 2 CPU cores, 8 clients: 0.01 s formed batches of ~2.5 (4.7 req/s), 0.05 s batches
 # of ~7 (6.3-8.2 req/s over runs); 0.2 s gave no more. See README, Serving > Measured.
 DEFAULT_BATCH_WAIT_S = 0.05
+DEFAULT_MAX_BATCH = 8
 
 
 class ServeSettings(BaseModel):
@@ -51,7 +52,7 @@ class ServeSettings(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per model replica.")
     torch_threads: PositiveInt | None = Field(default=None, description="Intra-op threads of a replica's torch; default: Ray's, one per CPU of num_cpus.")
     env_vars: dict[str, str] = Field(default_factory=dict, description="Environment of the model replicas, e.g. {OMP_WAIT_POLICY: PASSIVE} on a CPU shared with the HTTP proxy.")
-    max_batch_size: PositiveInt = Field(default=8, description="Most image requests batched into one generation.")
+    max_batch_size: PositiveInt = Field(default=DEFAULT_MAX_BATCH, description="Most image requests batched into one generation.")
     batch_wait_timeout_s: float = Field(
         default=DEFAULT_BATCH_WAIT_S,
         ge=0,
@@ -144,7 +145,7 @@ class _ModelDeployment:
 class ImageModel(_ModelDeployment):
     kind = "text_to_image"
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def generate(self, requests: list[dict]) -> list[dict]:
         return await self._run(requests)
 
@@ -219,7 +220,7 @@ def _deployment_message(deployment: str) -> str | None:
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, image: DeploymentHandle | None, video: DeploymentHandle | None, max_batch_size: int = 8, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
+    def __init__(self, image: DeploymentHandle | None, video: DeploymentHandle | None, max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
         self.handles = {"text_to_image": image, "text_to_video": video}
         self.metrics = Metrics()
         self.batching = (max_batch_size, batch_wait_timeout_s)
