@@ -4,7 +4,7 @@
 
 1. Throughput and p50/p99 latency of ``POST /v1/images`` (real Ray Serve app, local Ray,
    ConceptWorld + the demo policy's patches) under concurrent clients, against calling the same
-   patched pipeline in-process with the same batches (``clients`` prompts per call), with every
+   patched pipeline in-process with the same batches (the replica's batch size per call), with every
    core's torch threads (the bar: overhead <= 10% once the CPU is saturated) and with the replica's
    threads (the same compute as the replica, which isolates the cost of Serve itself).
 2. Replica start-up with all patches in the cache against loading the same pipeline with no
@@ -64,6 +64,94 @@ def load_run(fn, clients: int, requests: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(one, range(requests)))
     return summarize(latencies, time.perf_counter() - t0)
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by every process on the machine, with a short label."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            t = proc.cpu_times()
+            cmd = " ".join(proc.info["cmdline"] or [])[:80] or proc.info["name"]
+            label = "this benchmark (clients)" if proc.pid == os.getpid() else cmd.split(" ")[0] if cmd.startswith("ray::") else proc.info["name"]
+            out[proc.pid] = (label, t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def cpu_breakdown(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float) -> dict[str, float]:
+    """Cores used on average during ``wall`` seconds, per process label (labels summed)."""
+    used: dict[str, float] = {}
+    for pid, (label, t1) in after.items():
+        t0 = before.get(pid, (label, 0.0))[1]
+        if t1 - t0 > 0.01 * wall:
+            used[label] = used.get(label, 0.0) + (t1 - t0) / wall
+    return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
+def batch_figures(metrics_text: str) -> dict[str, float]:
+    """From the app's /metrics: the mean batch a request was generated in, and the mean time
+    its batch took to generate (both request-weighted, image endpoint)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.labels.get("endpoint") == "/v1/images" and sample.name.endswith(("_sum", "_count")):
+                sums[sample.name] = sample.value
+    out = {}
+    for key, name in (("mean_batch_size", "conceptguard_batch_size"), ("mean_batch_generation_s", "conceptguard_generation_duration_seconds")):
+        if sums.get(name + "_count"):
+            out[key] = round(sums[name + "_sum"] / sums[name + "_count"], 3)
+    return out
+
+
+_WORKER = """
+import json, sys, time
+import torch
+from serve.model import PatchedModel
+policy, cache, threads, n, batch, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+prompts = json.loads(sys.argv[7])
+torch.set_num_threads(threads)
+model = PatchedModel("text_to_image", open(policy).read(), cache_dir=cache)
+req = lambda i: {"prompt": prompts[i % len(prompts)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
+model.generate([req(i) for i in range(batch)])
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.time()
+for s in range(first, first + n, batch):
+    model.generate([req(i) for i in range(s, min(s + batch, first + n))])
+print(json.dumps({"start": t0, "end": time.time(), "requests": n}), flush=True)
+"""
+
+
+def processes_same_compute(policy_path: Path, cache: str, processes: int, threads: int, requests: int, batch: int) -> dict:
+    """Throughput of ``processes`` plain Python processes that each load the patched pipeline and
+    generate their share of ``requests`` in batches of ``batch`` at the same time, with
+    ``threads`` torch threads each: the replicas' compute without Ray Serve."""
+    share = requests // processes
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(policy_path), cache, str(threads), str(share), str(batch), str(k * share), json.dumps(PROMPTS)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        for k in range(processes)
+    ]
+    for p in procs:  # every process loaded and warmed up before any starts
+        while p.stdout.readline().strip() != "ready":
+            if p.poll() is not None:
+                raise RuntimeError("a baseline process failed to start")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    runs = [json.loads(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait()
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    return {"processes": processes, "torch_threads": threads, "requests": share * processes, "throughput_rps": share * processes / wall}
 
 
 def image_only_policy(path: Path, folder: Path) -> Path:
@@ -140,20 +228,22 @@ def main(argv: list[str] | None = None) -> dict:
         results["start_ratio_fresh_process"] = {"measured": ratio, "bar": 1.2, "met": ratio <= 1.2}
 
     # --- in-process baseline: the same patched pipeline, batched as the server batches ------------
-    # (``clients`` requests per pipeline call: the best a single process does with the CPU saturated)
+    # (the replica's batch size per pipeline call: the best a single process does with the CPU saturated)
     def request(i: int) -> dict:
         return {"prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
 
     import torch
 
+    batch = min(args.clients, args.max_batch_size)  # the batches the replica forms
+
     def in_process(threads: int) -> dict:
         torch.set_num_threads(threads)
-        model.generate([request(i) for i in range(args.clients)])  # warm-up
+        model.generate([request(i) for i in range(batch)])  # warm-up
         latencies = []
         t_start = time.perf_counter()
-        for start in range(0, args.requests, args.clients):
+        for start in range(0, args.requests, batch):
             t0 = time.perf_counter()
-            chunk = range(start, min(start + args.clients, args.requests))
+            chunk = range(start, min(start + batch, args.requests))
             model.generate([request(i) for i in chunk])
             latencies += [time.perf_counter() - t0] * len(chunk)
         return {"torch_threads": threads, **summarize(latencies, time.perf_counter() - t_start)}
@@ -163,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     replica_threads = args.torch_threads or max(1, int(args.replica_cpus))
     results["in_process_same_threads"] = in_process(replica_threads)
     results["in_process"] = in_process(all_threads)
+    if args.replicas > 1:
+        # the same compute as the replicas: as many plain processes, each with a replica's threads
+        results["processes_same_compute"] = processes_same_compute(policy_path, cache, args.replicas, replica_threads, args.requests, batch)
 
     # --- through HTTP -----------------------------------------------------------------------------
     import httpx
@@ -194,13 +287,20 @@ def main(argv: list[str] | None = None) -> dict:
         r = client.post(url, json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
         r.raise_for_status()
 
+    cpu_before, t_cpu = cpu_seconds_by_process(), time.perf_counter()
     results["http"] = load_run(over_http, args.clients, args.requests)
+    # where the CPU went while serving: the replica's generation against everything else
+    results["http"]["cores_used"] = cpu_breakdown(cpu_before, cpu_seconds_by_process(), time.perf_counter() - t_cpu)
+    results["http"]["replica_batches"] = batch_figures(client.get(f"http://127.0.0.1:{args.port}/metrics").text)
     serve.shutdown()
     ray.shutdown()
     overhead = results["in_process"]["throughput_rps"] / results["http"]["throughput_rps"] - 1  # extra time per request
     results["throughput_overhead"] = {"measured": overhead, "bar": 0.10, "met": overhead <= 0.10}
     same = results["in_process_same_threads"]["throughput_rps"] / results["http"]["throughput_rps"] - 1
     results["throughput_overhead_same_threads"] = {"measured": same, "note": "against the in-process pipeline with the replica's torch threads"}
+    if "processes_same_compute" in results:
+        same = results["processes_same_compute"]["throughput_rps"] / results["http"]["throughput_rps"] - 1
+        results["throughput_overhead_same_compute"] = {"measured": same, "note": f"against {args.replicas} plain processes running the pipeline with the replicas' threads"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

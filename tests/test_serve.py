@@ -11,6 +11,7 @@ import base64
 import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -148,6 +149,34 @@ def test_policy_health_readiness_and_metrics(app):
     assert 'conceptguard_replica_ready{model="text_to_image"} 1.0' in text
     assert 'conceptguard_policy_info{model="text_to_image",policy="e2e",version="1.0.0"} 1.0' in text
     assert "zorblax on dots" not in text
+
+
+def _batch_counts() -> tuple[float, float]:
+    """(requests, summed batch sizes) of /v1/images so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    vals = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{URL}/metrics", timeout=30).text):
+        for smp in fam.samples:
+            if smp.name.startswith("conceptguard_batch_size_") and smp.labels.get("endpoint") == "/v1/images":
+                vals[smp.name] = smp.value
+    return vals.get("conceptguard_batch_size_count", 0.0), vals.get("conceptguard_batch_size_sum", 0.0)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_image(app):
+    prompts = {"a red star on stripes": ("star", "red"), "a blue circle on dots": ("circle", "blue")}
+    jobs = [(list(prompts)[i % 2], i) for i in range(12)]
+    count0, sum0 = _batch_counts()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(lambda job: httpx.post(f"{URL}/v1/images", json={"prompt": job[0], "seed": job[1]}, timeout=120), jobs))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    # every answer is the image of its own prompt, not of another request in its batch
+    rows = conceptworld.judge(np.concatenate([decode_images(r.json()) for r in responses]))
+    hits = [(row["shape"][0], row["color"][0]) == prompts[prompt] for row, (prompt, _) in zip(rows, jobs)]
+    assert sum(hits) >= 11, list(zip(jobs, rows))
+    count1, sum1 = _batch_counts()
+    assert count1 - count0 == len(jobs)
+    assert (sum1 - sum0) / len(jobs) > 2, "concurrent requests were generated one by one"
 
 
 def test_rollout_while_serving_answers_every_request(app, ray_serve):
