@@ -1,12 +1,15 @@
 """Serving overhead and replica start-up on this CPU, in one run.
 
-    python bench/serve.py [--clients 4] [--requests 64] [--out runs/bench_serve.json]
+    python bench/serve.py [--clients 4] [--requests 64] [--replicas 1] [--out runs/bench_serve.json]
+    python bench/serve.py --clients 32 --requests 256 --replicas 2     # the README's figures
 
 1. Throughput and p50/p99 latency of ``POST /v1/images`` (real Ray Serve app, local Ray,
    ConceptWorld + the demo policy's patches) under concurrent clients, against calling the same
    patched pipeline in-process with the same batches (the replica's batch size per call), with every
    core's torch threads (the bar: overhead <= 10% once the CPU is saturated) and with the replica's
-   threads (the same compute as the replica, which isolates the cost of Serve itself).
+   threads; with several replicas, also as many plain processes with a replica's threads each
+   (the replicas' compute without Serve). It prints the cores each process used while serving
+   and the mean batch the replicas formed (from ``/metrics``).
 2. Replica start-up with all patches in the cache against loading the same pipeline with no
    policy, two ways: in this process (the policy's own cost against a 0.07 s model load) and
    as a replica starts, a fresh process from spawn to ready (imports and weights included).
@@ -266,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False, log_to_driver=False, namespace="conceptguard-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    # Ray sets a replica's torch threads from num_cpus; on this 2-core machine 1 CPU and 2 CPUs both
-    # gave 7.4 req/s with 8 clients (the proxy, the ingress and Ray's processes take the second core)
+    # Ray sets a replica's torch threads from num_cpus. On this 2-core machine two replicas of one CPU
+    # serve more than one replica of two, whose threads stall when the proxy takes a core (README)
     settings = ServeSettings(
         policy=str(policy_path),
         cache_dir=cache,
