@@ -36,6 +36,11 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = ["a red star on stripes", "zorblax on dots", "a blue circle on a checkerboard", "a yellow cross on a plain background"]
 
 
+def request(i: int) -> dict:
+    """The i-th request as the image replica receives it (what POST /v1/images fills in)."""
+    return {"prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -115,12 +120,11 @@ def batch_figures(metrics_text: str) -> dict[str, float]:
 _WORKER = """
 import json, sys, time
 import torch
+from bench.serve import request as req
 from serve.model import PatchedModel
 policy, cache, threads, n, batch, first = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-prompts = json.loads(sys.argv[7])
 torch.set_num_threads(threads)
 model = PatchedModel("text_to_image", open(policy).read(), cache_dir=cache)
-req = lambda i: {"prompt": prompts[i % len(prompts)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
 model.generate([req(i) for i in range(batch)])
 print("ready", flush=True)
 sys.stdin.readline()
@@ -138,7 +142,7 @@ def processes_same_compute(policy_path: Path, cache: str, processes: int, thread
     share = requests // processes
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(policy_path), cache, str(threads), str(share), str(batch), str(k * share), json.dumps(PROMPTS)],
+            [sys.executable, "-c", _WORKER, str(policy_path), cache, str(threads), str(share), str(batch), str(k * share)],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         for k in range(processes)
@@ -232,9 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- in-process baseline: the same patched pipeline, batched as the server batches ------------
     # (the replica's batch size per pipeline call: the best a single process does with the CPU saturated)
-    def request(i: int) -> dict:
-        return {"prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": "", "n": 1, "steps": 25, "guidance": 5.0, "seed": i, "width": None, "height": None}
-
     import torch
 
     batch = min(args.clients, args.max_batch_size)  # the batches the replica forms

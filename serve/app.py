@@ -162,7 +162,7 @@ class ImageModel(_ModelDeployment):
         super().__init__(*args, **kwargs)
         self.max_batch_size = DEFAULT_MAX_BATCH
         self._waiting: asyncio.Queue | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._loop_task: asyncio.Task | None = None  # held so the loop is never garbage-collected
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S, max_concurrent_batches=MAX_FORMED_BATCHES)
     async def generate(self, requests: list[dict]) -> list[dict]:
