@@ -131,7 +131,7 @@ sys.stdin.readline()
 t0 = time.time()
 for s in range(first, first + n, batch):
     model.generate([req(i) for i in range(s, min(s + batch, first + n))])
-print(json.dumps({"start": t0, "end": time.time(), "requests": n}), flush=True)
+print(json.dumps({"start": t0, "end": time.time()}), flush=True)
 """
 
 
@@ -140,17 +140,19 @@ def processes_same_compute(policy_path: Path, cache: str, processes: int, thread
     generate their share of ``requests`` in batches of ``batch`` at the same time, with
     ``threads`` torch threads each: the replicas' compute without Ray Serve."""
     share = requests // processes
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(processes)]  # stderr, for a failure's reason
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(policy_path), cache, str(threads), str(share), str(batch), str(k * share)],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
         )
-        for k in range(processes)
+        for k, log in enumerate(logs)
     ]
-    for p in procs:  # every process loaded and warmed up before any starts
+    for p, log in zip(procs, logs):  # every process loaded and warmed up before any starts
         while p.stdout.readline().strip() != "ready":
             if p.poll() is not None:
-                raise RuntimeError("a baseline process failed to start")
+                log.seek(0)
+                raise RuntimeError(f"a baseline process failed to start:\n{log.read()[-2000:]}")
     for p in procs:
         p.stdin.write("go\n")
         p.stdin.flush()
