@@ -351,7 +351,7 @@ def motion_token_ids(tokenizer) -> list[int]:
     return sorted({i for w in words for i in tokenizer(w, add_special_tokens=False).input_ids})
 
 
-def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int):
+def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int, lr_scale: float = 1.0):
     from diffusers import MotionAdapter, UNetMotionModel
 
     torch.manual_seed(seed)
@@ -381,7 +381,7 @@ def train_t2v(clip_latents, scaling: float, labels, tokenizer, text_encoder, une
     rows = torch.zeros(emb.shape[0], 1, device=emb.device)
     rows[motion_token_ids(tokenizer)] = 1.0
     emb.register_hook(lambda g: g * rows)
-    base_lrs = [5e-4, 2e-3, 2e-4, 1e-2]
+    base_lrs = [lr * lr_scale for lr in (5e-4, 2e-3, 2e-4, 1e-2)]
     opt = torch.optim.AdamW(
         [{"params": groups[k], "lr": lr} for k, lr in zip(("motion", "cross", "spatial"), base_lrs)] + [{"params": [emb], "lr": base_lrs[3], "weight_decay": 0.0}],
         weight_decay=1e-2,
@@ -428,6 +428,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.05 for a smoke run)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--only", choices=["t2v"], help="retrain only this stage on top of the models already in --out")
+    video = parser.add_argument_group("text-to-video stage (defaults: the CPU recipe)")
+    video.add_argument("--t2v-steps", type=int, help=f"optimizer steps (default {T2V_STEPS} x --scale)")
+    video.add_argument("--t2v-batch", type=int, default=8, help="clips per step (default 8)")
+    video.add_argument("--t2v-clips", type=int, help="training clips rendered (default 4000, fewer with a small --scale)")
+    video.add_argument("--t2v-lr-scale", type=float, default=1.0, help="multiply every learning rate of the stage (default 1)")
     args = parser.parse_args(argv)
     if args.only == "t2v":
         return retrain_t2v(args)
@@ -436,12 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     s = args.scale
-    n_img, n_vid = max(2000, int(32000 * min(1.0, s * 4))), max(400, int(4000 * min(1.0, s * 4)))
+    n_img, n_vid = max(2000, int(32000 * min(1.0, s * 4))), video_clips(args)
     steps = {
         "vae": max(50, int(1200 * s)),
         "judge": max(50, int(1500 * s)),
         "t2i": max(50, int(5000 * s)),
-        "t2v": max(50, int(T2V_STEPS * s)),
+        "t2v": video_steps(args),
     }
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -486,7 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
     m, sd = encode_latents(vae, flat, device)
     clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    motion_unet, adapter = train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps["t2v"], 8, device, args.seed)
+    motion_unet, adapter = train_t2v(
+        clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps["t2v"], args.t2v_batch, device, args.seed, args.t2v_lr_scale
+    )
     timings["t2v"] = time.time() - t0
 
     save_pipelines(tmp, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), motion_unet.cpu(), adapter.cpu())
@@ -500,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                 "steps": steps,
                 "images": n_img,
                 "clips": n_vid,
+                "t2v_batch": args.t2v_batch,
+                "t2v_lr_scale": args.t2v_lr_scale,
                 "seconds": {k: round(v, 1) for k, v in timings.items()},
                 "judge_accuracy_fresh": acc,
                 "judge_accuracy_vae_reconstructions": acc_rec,
@@ -520,20 +529,29 @@ def main(argv: list[str] | None = None) -> None:
     log(f"done in {timings['total'] / 60:.1f} min -> {args.out}")
 
 
+def video_steps(args) -> int:
+    return args.t2v_steps if args.t2v_steps is not None else max(50, int(T2V_STEPS * args.scale))
+
+
+def video_clips(args) -> int:
+    return args.t2v_clips if args.t2v_clips is not None else max(400, int(4000 * min(1.0, args.scale * 4)))
+
+
 def retrain_t2v(args) -> None:
     """Train the video model again on top of the image model, text encoder and VAE in ``--out``."""
     from diffusers import StableDiffusionPipeline
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     t2i = StableDiffusionPipeline.from_pretrained(args.out / "t2i", local_files_only=True).to(device)
-    n_vid = max(400, int(4000 * min(1.0, args.scale * 4)))
-    steps = max(50, int(T2V_STEPS * args.scale))
+    n_vid, steps = video_clips(args), video_steps(args)
     t0 = time.time()
     clips, clip_labels = render_video_set(args.seed + 13, n_vid, 0.15, "render video set")
     flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
     m, sd = encode_latents(t2i.vae, flat, device)
     clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    motion_unet, adapter = train_t2v(clip_latents, t2i.vae.config.scaling_factor, clip_labels, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, 8, device, args.seed)
+    motion_unet, adapter = train_t2v(
+        clip_latents, t2i.vae.config.scaling_factor, clip_labels, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale
+    )
     tmp = args.out / "t2v.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     from diffusers import AnimateDiffPipeline
@@ -553,7 +571,16 @@ def retrain_t2v(args) -> None:
     shutil.rmtree(tmp)
     meta_path = args.out / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta["t2v_retrained"] = {"steps": steps, "clips": n_vid, "seconds": round(time.time() - t0, 1), "seed": args.seed}
+    meta["t2v_retrained"] = {
+        "steps": steps,
+        "batch": args.t2v_batch,
+        "lr_scale": args.t2v_lr_scale,
+        "clips": n_vid,
+        "device": str(device),
+        "seconds": round(time.time() - t0, 1),
+        "seed": args.seed,
+        "torch": torch.__version__,
+    }
     meta_path.write_text(json.dumps(meta, indent=2))
     log(f"text-to-video retrained in {(time.time() - t0) / 60:.1f} min -> {args.out / 't2v'}")
 
