@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only == "t2v":
         return retrain_t2v(args)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = training_device(args)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     s = args.scale
@@ -529,6 +529,12 @@ def main(argv: list[str] | None = None) -> None:
     log(f"done in {timings['total'] / 60:.1f} min -> {args.out}")
 
 
+def training_device(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
 def video_steps(args) -> int:
     return args.t2v_steps if args.t2v_steps is not None else max(50, int(T2V_STEPS * args.scale))
 
@@ -541,7 +547,7 @@ def retrain_t2v(args) -> None:
     """Train the video model again on top of the image model, text encoder and VAE in ``--out``."""
     from diffusers import StableDiffusionPipeline
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = training_device(args)
     t2i = StableDiffusionPipeline.from_pretrained(args.out / "t2i", local_files_only=True).to(device)
     n_vid, steps = video_clips(args), video_steps(args)
     t0 = time.time()
