@@ -488,12 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     timings["t2i"] = time.time() - t0
 
     t0 = time.time()
-    flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
-    m, sd = encode_latents(vae, flat, device)
-    clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    motion_unet, adapter = train_t2v(
-        clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps["t2v"], args.t2v_batch, device, args.seed, args.t2v_lr_scale
-    )
+    motion_unet, adapter = fit_video(args, clips, clip_labels, vae, tokenizer, text_encoder, unet, steps["t2v"], device)
     timings["t2v"] = time.time() - t0
 
     save_pipelines(tmp, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), motion_unet.cpu(), adapter.cpu())
@@ -543,6 +538,14 @@ def video_clips(args) -> int:
     return args.t2v_clips if args.t2v_clips is not None else max(400, int(4000 * min(1.0, args.scale * 4)))
 
 
+def fit_video(args, clips: np.ndarray, clip_labels, vae, tokenizer, text_encoder, unet, steps: int, device):
+    """Encode the rendered clips with the VAE and train the video stage on them."""
+    flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
+    m, sd = encode_latents(vae, flat, device)
+    clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
+    return train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale)
+
+
 def retrain_t2v(args) -> None:
     """Train the video model again on top of the image model, text encoder and VAE in ``--out``."""
     from diffusers import StableDiffusionPipeline
@@ -552,12 +555,7 @@ def retrain_t2v(args) -> None:
     n_vid, steps = video_clips(args), video_steps(args)
     t0 = time.time()
     clips, clip_labels = render_video_set(args.seed + 13, n_vid, 0.15, "render video set")
-    flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
-    m, sd = encode_latents(t2i.vae, flat, device)
-    clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    motion_unet, adapter = train_t2v(
-        clip_latents, t2i.vae.config.scaling_factor, clip_labels, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale
-    )
+    motion_unet, adapter = fit_video(args, clips, clip_labels, t2i.vae, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, device)
     tmp = args.out / "t2v.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     from diffusers import AnimateDiffPipeline
