@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unlearn.denoiser import prediction_target
+
 from .embeddings import TextualInversion, encode_prompts
 
 CLEAN_TEMPLATES = ("{}", "a picture of {}", "an image of {}", "a drawing of {}", "the {}")
@@ -90,8 +92,9 @@ def train_textual_inversion(
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
         emb = encode_prompts(pipe, prompts, [TextualInversion(token, vectors, "training")])
-        pred = pipe.unet(sched.add_noise(latents.to(device), noise, t), t, encoder_hidden_states=emb).sample
-        return F.mse_loss(pred, noise)
+        latents = latents.to(device)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=emb).sample
+        return F.mse_loss(pred, prediction_target(sched, latents, noise, t))
 
     try:
         bar = tqdm(range(steps), desc=f"textual inversion {token}", disable=not progress, leave=False)

@@ -21,6 +21,18 @@ def vocabulary_words(tokenizer, min_chars: int = 3) -> list[str]:
     return sorted(words)
 
 
+def prediction_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a UNet trained under ``scheduler``'s ``prediction_type`` predicts for ``add_noise(x0, noise, t)``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"Got {kind!r} for the scheduler's prediction_type. It must be 'epsilon', 'v_prediction' or 'sample'.")
+
+
 class Denoiser:
     def __init__(self, pipe, *, seed: int = 0, num_frames: int = 8):
         missing = [n for n in ("tokenizer", "text_encoder", "unet", "scheduler") if getattr(pipe, n, None) is None]
@@ -69,11 +81,15 @@ class Denoiser:
 
     # ---- the diffusion objective --------------------------------------------------------------
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, t)`` for clean latents ``x0``, with uniformly drawn timesteps."""
+        """``(x_t, target, t)`` for clean latents ``x0``, with uniformly drawn timesteps.
+
+        ``target`` is what the UNet is trained to predict for ``x_t``: the noise for
+        epsilon-prediction models (SD 1.x, SD 2 base), the velocity for v-prediction ones
+        (SD 2 768-v, zero-terminal-SNR video models), read from the scheduler's config."""
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
         t = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator).to(self.device)
         x0 = x0.to(self.device)
-        return self.train_scheduler.add_noise(x0, noise, t), noise, t
+        return self.train_scheduler.add_noise(x0, noise, t), prediction_target(self.train_scheduler, x0, noise, t), t
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """The UNet's noise prediction; video UNets read one embedding per frame."""

@@ -48,14 +48,14 @@ class Ablation(UnlearnMethod):
         idx = torch.randint(0, len(anchor_x0), (n_pairs,), generator=gen)
         prompt_idx = torch.randint(0, len(pairs), (n_pairs,), generator=gen)
         x0 = anchor_x0[idx]
-        x_t, noise, t = den.noised(x0)
+        x_t, target, t = den.noised(x0)
         if cfg.variant == "model":
             with torch.no_grad():
                 goal = torch.cat(
                     [den.predict(x_t[i : i + 64], t[i : i + 64], den.encode([pairs[int(k)][1] for k in prompt_idx[i : i + 64]])) for i in range(0, n_pairs, 64)]
                 )
         else:
-            goal = noise
+            goal = target
         keep = self._preserve_targets(den, concept, anchor_x0, n_pairs) if cfg.preserve_weight > 0 else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"ablation {concept.id}", progress)
@@ -64,9 +64,9 @@ class Ablation(UnlearnMethod):
             emb = den.encode([pairs[int(i)][0] for i in prompt_idx[sl]])
             loss = F.mse_loss(den.predict(x_t[sl], t[sl], emb), goal[sl])
             if cfg.regularization_weight > 0:
-                rx, rnoise, rt = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (cfg.batch_size,), generator=gen)])
+                rx, rtarget, rt = den.noised(anchor_x0[torch.randint(0, len(anchor_x0), (cfg.batch_size,), generator=gen)])
                 remb = den.encode([anchor] * cfg.batch_size)
-                loss = loss + cfg.regularization_weight * F.mse_loss(den.predict(rx, rt, remb), rnoise)
+                loss = loss + cfg.regularization_weight * F.mse_loss(den.predict(rx, rt, remb), rtarget)
             if keep is not None:
                 px_t, p_t, p_prompts, p_goal = keep
                 loss = loss + cfg.preserve_weight * F.mse_loss(den.predict(px_t[sl], p_t[sl], den.encode(p_prompts[sl])), p_goal[sl])
