@@ -28,10 +28,16 @@ def test_video_stage_retrains_with_its_options_and_keeps_the_encoder_shared(tmp_
     unet_before = _tensors(out / "t2i" / "unet")
     encoder_before = _tensors(out / "t2i" / "text_encoder")
 
-    train.main(["--only", "t2v", "--out", str(out), "--device", "cpu", "--t2v-steps", "2", "--t2v-batch", "2", "--t2v-clips", "16", "--t2v-lr-scale", "0.5"])
+    train.main(
+        ["--only", "t2v", "--out", str(out), "--device", "cpu", "--t2v-steps", "2", "--t2v-batch", "2", "--t2v-clips", "16", "--t2v-lr-scale", "0.5", "--t2v-temporal-weight", "3"]
+    )
 
     meta = json.loads((out / "training.json").read_text())["t2v_retrained"]
     assert (meta["steps"], meta["batch"], meta["clips"], meta["lr_scale"], meta["device"]) == (2, 2, 16, 0.5, "cpu")
+    assert meta["recipe"]["temporal_weight"] == 3.0 and meta["recipe"]["probe_weight"] == train.VideoRecipe.probe_weight
+    # the video model samples on the schedule it was trained on
+    sched = json.loads((out / "t2v" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"] is True
     assert not (out / "t2v.partial").exists()
     # the image UNet is untouched; the text encoder is the same file in both pipelines
     unet_after = _tensors(out / "t2i" / "unet")

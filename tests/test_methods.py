@@ -151,3 +151,33 @@ def test_ablation_context_pairs_put_target_and_anchor_in_the_same_context(tiny_p
         assert target.split().count("zorblax") == 1  # the context never names the target itself
     assert any(not t.startswith(("zorblax", "the zorblax")) for t, _ in pairs)  # context before it
     assert any(not t.endswith("zorblax") for t, _ in pairs)  # and after it
+
+
+def test_diffusion_losses_follow_the_schedulers_prediction_type(tiny_pipeline):
+    """A v-prediction model (SD 2 768-v, the ConceptWorld video model) is trained towards the
+    velocity, an epsilon model towards the noise; any other type is refused by name."""
+    from diffusers import DDPMScheduler
+
+    from unlearn.denoiser import Denoiser, prediction_target
+
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    eps = DDPMScheduler(beta_schedule="scaled_linear")
+    v = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    assert torch.equal(prediction_target(eps, x0, noise, t), noise)
+    assert torch.allclose(prediction_target(v, x0, noise, t), v.get_velocity(x0, noise, t))
+    # at zero terminal SNR the last step's velocity is minus the clean sample: nothing of it is left in x_t
+    last = torch.tensor([999, 999])
+    assert torch.allclose(prediction_target(v, x0, noise, last), -x0, atol=1e-6)
+    with pytest.raises(ValueError, match="'flow'.*prediction_type"):
+        prediction_target(DDPMScheduler.from_config(eps.config, prediction_type="flow"), x0, noise, t)
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    den = Denoiser(pipe, seed=0)
+    x_t, target, t = den.noised(x0)
+    assert torch.allclose(target, den.train_scheduler.get_velocity(x0, (x_t - den.train_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) * x0) / (1 - den.train_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1), t), atol=1e-5)
+    # noise-based ablation (the diffusion loss itself) builds on such a model
+    pol = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS["ablation_noise"]))
+    concept = pol.spec.concepts[0]
+    patch = get_method("ablation")(concept.method).build(pipe, [concept], seed=0, progress=False)
+    assert all(torch.isfinite(d).all() for d in patch.deltas.values())
