@@ -29,7 +29,10 @@ CASES = [
     pytest.param("closed_form", "star", False, marks=_CF),
     ("text_encoder", "zorblax", True),  # learnt on images, judged on the video model too
 ]
-VIDEO_CLIPS = 3  # x 8 frames, every frame judged
+# x 8 frames, every frame judged. With 3 clips one frame's wrong attribute is already 2.08
+# points, over the 2-point bar for unrelated prompts (measured on the current video model: one
+# such frame on "an orange triangle on dots"; at 8 clips the largest drop was 0.78 points).
+VIDEO_CLIPS = 6
 
 
 @pytest.mark.parametrize("method, concept, video", CASES, ids=["ablation-zorblax", "forget_me_not-stripes", "closed_form-star", "text_encoder-zorblax"])
