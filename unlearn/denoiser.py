@@ -92,7 +92,7 @@ class Denoiser:
         return self.train_scheduler.add_noise(x0, noise, t), prediction_target(self.train_scheduler, x0, noise, t), t
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction; video UNets read one embedding per frame."""
+        """The UNet's prediction (of the noise or the velocity, as it was trained); video UNets read one embedding per frame."""
         if self.is_video:
             embeddings = embeddings.repeat_interleave(x_t.shape[2], dim=0)
         return self.unet(x_t, t, encoder_hidden_states=embeddings).sample
