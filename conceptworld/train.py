@@ -397,10 +397,10 @@ class DirectionProbe(torch.nn.Module):
         super().__init__()
         self.direction = torch.nn.Parameter(torch.randn(classes, channels) * 0.01)
         self.captured: list[torch.Tensor] = []
-        self.layers = [m for n, m in model.named_modules() if n.endswith(".attn2") and "motion_modules" not in n]
-        if not self.layers:
+        layers = [m for n, m in model.named_modules() if n.endswith(".attn2") and "motion_modules" not in n]
+        if not layers:
             raise ValueError("Got a video UNet without spatial cross-attention layers (.attn2 outside motion_modules).")
-        self.handles = [m.register_forward_hook(lambda _m, _i, out: self.captured.append(out)) for m in self.layers]
+        self.handles = [m.register_forward_hook(lambda _m, _i, out: self.captured.append(out)) for m in layers]
 
     def loss(self, num_frames: int, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the direction read from the last forward pass; ``targets`` < 0 are ignored."""
