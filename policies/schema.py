@@ -303,6 +303,14 @@ class ClosedFormConfig(_MethodConfig):
             "fixed as well, so the edit keeps the text space at large, not only the listed preserve prompts. 0 turns it off."
         ),
     )
+    context_prompts: NonNegativeInt = Field(
+        default=0,
+        description="Extra erase pairs that place a target phrasing and the anchor in the same random context of vocabulary words, so the concept is erased inside longer prompts too; 0: the target phrasings alone.",
+    )
+    typo_variants: bool = Field(
+        default=False,
+        description="Also erase misspellings of the target phrasings (one letter dropped or two neighbouring letters swapped in a word of 4+ letters), mapped onto the anchor like the phrasings.",
+    )
 
     @property
     def parameter_group(self) -> str:

@@ -29,8 +29,9 @@ METHODS = {
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
     "closed_form": "{name: closed_form}",
+    "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -181,3 +182,65 @@ def test_diffusion_losses_follow_the_schedulers_prediction_type(tiny_pipeline):
     concept = pol.spec.concepts[0]
     patch = get_method("ablation")(concept.method).build(pipe, [concept], seed=0, progress=False)
     assert all(torch.isfinite(d).all() for d in patch.deltas.values())
+
+
+def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_context(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+    from unlearn.methods.closed_form import aligned_pairs
+
+    den = Denoiser(tiny_pipeline())
+    target, anchor = "big stripes on red", "big a plain background on red"
+    emb = den.encode([target, anchor])
+    c, a = aligned_pairs(den, target, anchor)
+    # BOS big | stripes | on red EOS pad...  ->  BOS big | a plain background | on red EOS pad...
+    # "stripes" onto "background" (position 4), then every later position two tokens on
+    length = emb.shape[1]
+    assert c.shape == a.shape == (length - 4, emb.shape[2])
+    assert torch.equal(c[0], emb[0, 2]) and torch.equal(a[0], emb[1, 4])
+    assert torch.equal(c[1], emb[0, 3]) and torch.equal(a[1], emb[1, 5])  # "on" onto "on"
+    assert torch.equal(c[-1], emb[0, length - 3]) and torch.equal(a[-1], emb[1, length - 1])
+    # a bare phrasing: its last word and every later position onto the anchor's
+    c, a = aligned_pairs(den, "the zorblax", "a green circle")
+    emb = den.encode(["the zorblax", "a green circle"])
+    assert torch.equal(c[0], emb[0, 1]) and torch.equal(a[0], emb[1, 3])  # "the" onto "circle"
+    assert torch.equal(c[1], emb[0, 2]) and torch.equal(a[1], emb[1, 3])  # "zorblax" onto "circle"
+    assert torch.equal(c[2], emb[0, 3]) and torch.equal(a[2], emb[1, 4])
+
+
+def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+    from unlearn.methods.closed_form import aligned_pairs, typo_variants
+
+    pipe = tiny_pipeline()
+    plain = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", "{name: closed_form, erase_weight: 16.0}")).spec.concepts[0]
+    typos = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", "{name: closed_form, erase_weight: 16.0, typo_variants: true}")).spec.concepts[0]
+    den = Denoiser(pipe)
+    variants = typo_variants(den, typos)
+    assert "zorbax" in variants and "the zroblax" in variants  # one letter dropped; two swapped
+    assert "zorblax" not in variants and "the zorblax" not in variants
+    c, a = aligned_pairs(den, "zorbax", "a green circle")
+    components = pipeline_components(pipe)
+    name = next(k for k in components["unet"].state_dict() if k.endswith("attn2.to_k.weight"))
+
+    def miss(concept) -> float:
+        patch = get_method("closed_form")(concept.method).build(pipe, [concept], seed=0, progress=False)
+        stack = PatchStack(components)
+        stack.apply(patch)
+        w_new = components["unet"].state_dict()[name].clone()
+        stack.remove_all()
+        w = components["unet"].state_dict()[name]
+        return float((c @ w_new.T - a @ w.T).detach().norm())
+
+    assert miss(typos) < 0.5 * miss(plain)  # the misspelling's keys land on the anchor's
+
+
+def test_typo_variants_leave_out_words_of_the_vocabulary(tiny_pipeline):
+    from unlearn.denoiser import Denoiser, vocabulary_words
+    from unlearn.methods.closed_form import typo_variants
+
+    den = Denoiser(tiny_pipeline())
+    concept = policy_with(concept_yaml("stars", "stars", "a circle", "{name: closed_form, typo_variants: true}")).spec.concepts[0]
+    vocab = set(vocabulary_words(den.tokenizer))
+    variants = typo_variants(den, concept)
+    assert "sars" in variants and "star" not in variants  # "star" is a word of its own
+    assert not any(w in vocab and w not in {"the", "stars"} for v in variants for w in v.split())

@@ -19,28 +19,57 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
-from .base import UnlearnMethod, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
+from ..denoiser import Denoiser, vocabulary_words
+from .base import UnlearnMethod, context_pairs, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
 
 
 def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings of ``target`` and the anchor embeddings they are mapped onto.
 
-    A causal text encoder carries the meaning of a phrase into its last word and every later
-    position (EOS and padding), so position ``k_t + n`` of the target is mapped onto position
-    ``k_a + n`` of the anchor, ``k`` being the index of the last word. The target's own words
-    before that (from its first word the anchor does not share) are mapped onto the anchor's
-    last word, so that the concept's word is erased wherever it stands in a longer prompt.
+    ``target`` and ``anchor`` are the same prompt with the concept's phrase in one and the
+    anchor's in the other (a bare phrasing, or a phrasing inside a context caption). The words
+    both share before the phrase encode identically (the encoder is causal) and are left out.
+    The target phrase's words are mapped onto the anchor phrase's last word, so the concept's
+    word is erased wherever it stands; every later position (the words after the phrase, EOS
+    and padding, which a causal encoder fills with the phrase's meaning) is mapped onto the
+    anchor's position that many tokens after its phrase.
     """
     emb = den.encode([target, anchor])
     length = emb.shape[1]
     t_ids, a_ids = (den.tokenizer(p, add_special_tokens=False).input_ids for p in (target, anchor))
-    kt, ka = len(t_ids), len(a_ids)  # index of the last word (BOS at 0)
-    n = length - max(kt, ka)
-    first = next((i + 1 for i, tok in enumerate(t_ids) if tok not in set(a_ids)), kt)
-    c = torch.cat([emb[0, first:kt], emb[0, kt : kt + n]])
-    a = torch.cat([emb[1, ka : ka + 1].expand(kt - first, -1), emb[1, ka : ka + n]])
+    prefix = 0
+    while prefix < min(len(t_ids), len(a_ids)) and t_ids[prefix] == a_ids[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(t_ids), len(a_ids)) - prefix and t_ids[-1 - suffix] == a_ids[-1 - suffix]:
+        suffix += 1
+    # positions (BOS at 0): the target phrase is [1 + prefix, end_t), the anchor's ends at end_a
+    end_t, end_a = 1 + len(t_ids) - suffix, 1 + len(a_ids) - suffix
+    start = min(1 + prefix, end_t - 1)
+    n = length - max(end_t, end_a)
+    c = torch.cat([emb[0, start : end_t - 1], emb[0, end_t - 1 : end_t - 1 + n + 1]])
+    a = torch.cat([emb[1, end_a - 1 : end_a].expand(end_t - 1 - start, -1), emb[1, end_a - 1 : end_a + n]])
     return c, a
+
+
+def typo_variants(den: Denoiser, concept) -> list[str]:
+    """Misspelt target phrasings: each word of at least four letters with one letter dropped or
+    two neighbouring letters swapped, one change per prompt. A variant that is itself a word of
+    the tokenizer's vocabulary (and not one of the target's) is left out: it names something else."""
+    phrasings = target_prompts(concept)
+    own = {w for p in phrasings for w in p.lower().split()}
+    vocab = set(vocabulary_words(den.tokenizer)) - own
+    out: list[str] = []
+    for phrase in phrasings:
+        words = phrase.split()
+        for i, w in enumerate(words):
+            if len(w) < 4 or not w.isalpha():
+                continue
+            edits = {w[:k] + w[k + 1 :] for k in range(len(w))} | {w[:k] + w[k + 1] + w[k] + w[k + 2 :] for k in range(len(w) - 1)}
+            for e in sorted(edits - {w}):
+                if e.lower() not in vocab:
+                    out.append(" ".join([*words[:i], e, *words[i + 1 :]]))
+    return list(dict.fromkeys(out))
 
 
 @register_method
@@ -52,9 +81,14 @@ class ClosedForm(UnlearnMethod):
         cfg = self.config
         with torch.no_grad():
             erase_c, erase_a = [], []
-            for concept in concepts:
-                for prompt in target_prompts(concept):
-                    c, a = aligned_pairs(den, prompt, concept.anchor)
+            for ci, concept in enumerate(concepts):
+                pairs = [(prompt, concept.anchor) for prompt in target_prompts(concept)]
+                if cfg.typo_variants:
+                    pairs += [(prompt, concept.anchor) for prompt in typo_variants(den, concept)]
+                if cfg.context_prompts:
+                    pairs += context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) + ci)
+                for target, anchor in pairs:
+                    c, a = aligned_pairs(den, target, anchor)
                     erase_c.append(c)
                     erase_a.append(a)
             c_e = torch.cat(erase_c).double()  # (n, d)
