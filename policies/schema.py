@@ -215,7 +215,21 @@ class _MethodConfig(_Strict):
         return self.steps
 
 
-class AblationConfig(_MethodConfig):
+class _TextSpaceOptions(_Strict):
+    """Options of the text-space penalty shared by the fine-tuning methods of the UNet."""
+
+    text_space_weight: NonNegativeFloat = Field(
+        default=0.0,
+        description="Weight of a penalty on the change of the cross-attention key/value outputs for the rest of the text space (the preserve prompts and `preserve_vocabulary` random prompts), so the edit keeps other prompts; 0 turns it off.",
+    )
+    preserve_vocabulary: NonNegativeInt = Field(
+        default=512,
+        le=100_000,
+        description="Random prompts of 1-5 vocabulary words (the target's words left out) in the text space that `text_space_weight` holds fixed.",
+    )
+
+
+class AblationConfig(_TextSpaceOptions, _MethodConfig):
     """Concept ablation: fine-tune so the target's distribution matches the anchor's.
 
     Kumari et al., "Ablating Concepts in Text-to-Image Diffusion Models", ICCV 2023.
@@ -248,7 +262,7 @@ class AblationConfig(_MethodConfig):
     )
 
 
-class ForgetMeNotConfig(_MethodConfig):
+class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
     """Forget-Me-Not: attention re-steering that suppresses attention to the target tokens.
 
     Zhang et al., "Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Models", CVPR-W 2024.
@@ -309,7 +323,7 @@ class ClosedFormConfig(_MethodConfig):
     )
     typo_variants: bool = Field(
         default=False,
-        description="Also erase misspellings of the target phrasings (one letter dropped or two neighbouring letters swapped in a word of 4+ letters), mapped onto the anchor like the phrasings.",
+        description="Also erase misspellings of the target's canonical text (one letter dropped, or two neighbouring letters swapped, in a word of 4+ letters; variants that spell another vocabulary word left out), mapped onto the anchor like the phrasings.",
     )
 
     @property

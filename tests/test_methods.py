@@ -24,6 +24,7 @@ spec:
 METHODS = {
     "ablation": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, regularization_weight: 0.5}",
     "ablation_context": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, context_prompts: 6, preserve_weight: 1.0}",
+    "ablation_text_space": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, text_space_weight: 1.0, preserve_vocabulary: 8}",
     "ablation_noise": "{name: ablation, variant: noise, parameters: embedding, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4}",
     "forget_me_not": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
@@ -31,7 +32,7 @@ METHODS = {
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -215,9 +216,8 @@ def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):
     plain = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", "{name: closed_form, erase_weight: 16.0}")).spec.concepts[0]
     typos = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", "{name: closed_form, erase_weight: 16.0, typo_variants: true}")).spec.concepts[0]
     den = Denoiser(pipe)
-    variants = typo_variants(den, typos)
-    assert "zorbax" in variants and "the zroblax" in variants  # one letter dropped; two swapped
-    assert "zorblax" not in variants and "the zorblax" not in variants
+    assert "zorbax" in typo_variants("zorblax") and "the zroblax" in typo_variants("the zorblax")  # one letter dropped; two swapped
+    assert "zorblax" not in typo_variants("zorblax") and len(typo_variants("zorblax")) == 7 + 6
     c, a = aligned_pairs(den, "zorbax", "a green circle")
     components = pipeline_components(pipe)
     name = next(k for k in components["unet"].state_dict() if k.endswith("attn2.to_k.weight"))
@@ -234,13 +234,12 @@ def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):
     assert miss(typos) < 0.5 * miss(plain)  # the misspelling's keys land on the anchor's
 
 
-def test_typo_variants_leave_out_words_of_the_vocabulary(tiny_pipeline):
-    from unlearn.denoiser import Denoiser, vocabulary_words
+def test_typo_variants_leave_out_words_of_the_vocabulary(world_tokenizer):
+    from unlearn.denoiser import vocabulary_words
     from unlearn.methods.closed_form import typo_variants
 
-    den = Denoiser(tiny_pipeline())
-    concept = policy_with(concept_yaml("stars", "stars", "a circle", "{name: closed_form, typo_variants: true}")).spec.concepts[0]
-    vocab = set(vocabulary_words(den.tokenizer))
-    variants = typo_variants(den, concept)
-    assert "sars" in variants and "star" not in variants  # "star" is a word of its own
-    assert not any(w in vocab and w not in {"the", "stars"} for v in variants for w in v.split())
+    vocab = set(vocabulary_words(world_tokenizer)) - {"stars"}
+    assert "star" in typo_variants("stars") and "sars" in typo_variants("stars")
+    variants = typo_variants("the stars", vocab)
+    assert "the sars" in variants and "the star" not in variants  # "star" is a word of its own
+    assert typo_variants("a red car") == []  # no word of four letters

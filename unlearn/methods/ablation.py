@@ -15,6 +15,9 @@ The paper trains on many captions that contain the concept, each paired with the
 with the anchor in its place. ``context_prompts`` does that without a caption generator: a
 target phrasing and the anchor are placed in the same random context of the model's vocabulary
 words (the model-based goal is the frozen prediction for the anchor caption).
+
+``text_space_weight`` adds :class:`~unlearn.methods.base.TextSpace`, a penalty on how much
+the fine-tuned key/value projections change their outputs for the rest of the text space.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
-from .base import UnlearnMethod, context_pairs, preserve_prompts, progress_bar, register_method, target_prompts
+from .base import TextSpace, UnlearnMethod, context_pairs, preserve_prompts, progress_bar, register_method, target_prompts
 
 
 @register_method
@@ -57,6 +60,7 @@ class Ablation(UnlearnMethod):
         else:
             goal = target
         keep = self._preserve_targets(den, concept, anchor_x0, n_pairs) if cfg.preserve_weight > 0 else None
+        space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"ablation {concept.id}", progress)
         for step in range(cfg.steps):
@@ -70,6 +74,8 @@ class Ablation(UnlearnMethod):
             if keep is not None:
                 px_t, p_t, p_prompts, p_goal = keep
                 loss = loss + cfg.preserve_weight * F.mse_loss(den.predict(px_t[sl], p_t[sl], den.encode(p_prompts[sl])), p_goal[sl])
+            if space is not None:
+                loss = loss + cfg.text_space_weight * space.penalty(params)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser, vocabulary_words
-from ..patch import Patch, PatchError, PatchMetadata, fingerprint, pipeline_components, project_version, select_parameters
+from ..patch import PARAMETER_GROUPS, Patch, PatchError, PatchMetadata, fingerprint, pipeline_components, project_version, select_parameters
 
 _REGISTRY: dict[str, type["UnlearnMethod"]] = {}
 
@@ -147,6 +147,33 @@ def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[st
         phrase = phrasings[i % len(phrasings)]
         out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after]))))
     return out
+
+
+class TextSpace:
+    """A penalty on how much fine-tuned cross-attention key/value projections change their
+    outputs over the rest of the text space: the concepts' preserve prompts and ``n`` random
+    vocabulary prompts, every position. This is the preservation term of closed-form editors
+    (UCE, Gandikota et al., WACV 2024) used as a regulariser of gradient steps, so that the edit
+    goes into the directions only the target's tokens use. ``None`` from :meth:`build` when no
+    fine-tuned parameter reads the text."""
+
+    def __init__(self, gram: torch.Tensor, base: dict[str, torch.Tensor]):
+        self.gram, self.base = gram, base
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, den: Denoiser, concepts: Sequence, params: Mapping[str, nn.Parameter], n: int) -> "TextSpace | None":
+        kv = re.compile(PARAMETER_GROUPS["cross_attn_kv"][1])
+        base = {k: p.detach().clone() for k, p in params.items() if kv.search(k)}
+        prompts = preserve_prompts(concepts) + random_prompts(den, concepts, n, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
+        if not base or not prompts:
+            return None
+        rows = torch.cat([den.encode(prompts[i : i + 64]).flatten(0, 1) for i in range(0, len(prompts), 64)])
+        return cls(rows.T @ rows / len(rows), base)
+
+    def penalty(self, params: Mapping[str, nn.Parameter]) -> torch.Tensor:
+        """Sum over the projections of the mean ``||(W - W0) c||^2`` over the text-space rows ``c``."""
+        return sum(torch.sum(((params[k] - w0) @ self.gram) * (params[k] - w0)) for k, w0 in self.base.items())
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -52,23 +52,17 @@ def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor
     return c, a
 
 
-def typo_variants(den: Denoiser, concept) -> list[str]:
-    """Misspelt target phrasings: each word of at least four letters with one letter dropped or
-    two neighbouring letters swapped, one change per prompt. A variant that is itself a word of
-    the tokenizer's vocabulary (and not one of the target's) is left out: it names something else."""
-    phrasings = target_prompts(concept)
-    own = {w for p in phrasings for w in p.lower().split()}
-    vocab = set(vocabulary_words(den.tokenizer)) - own
+def typo_variants(phrase: str, words: set[str] = frozenset()) -> list[str]:
+    """Misspellings of ``phrase``: each of its words of at least four letters with one letter
+    dropped or two neighbouring letters swapped, one change per variant. A variant that spells
+    one of ``words`` (the tokenizer's other vocabulary words) is left out: it names something else."""
     out: list[str] = []
-    for phrase in phrasings:
-        words = phrase.split()
-        for i, w in enumerate(words):
-            if len(w) < 4 or not w.isalpha():
-                continue
-            edits = {w[:k] + w[k + 1 :] for k in range(len(w))} | {w[:k] + w[k + 1] + w[k] + w[k + 2 :] for k in range(len(w) - 1)}
-            for e in sorted(edits - {w}):
-                if e.lower() not in vocab:
-                    out.append(" ".join([*words[:i], e, *words[i + 1 :]]))
+    tokens = phrase.split()
+    for i, w in enumerate(tokens):
+        if len(w) < 4 or not w.isalpha():
+            continue
+        edits = {w[:k] + w[k + 1 :] for k in range(len(w))} | {w[:k] + w[k + 1] + w[k] + w[k + 2 :] for k in range(len(w) - 1)}
+        out += [" ".join([*tokens[:i], e, *tokens[i + 1 :]]) for e in sorted(edits - {w}) if e.lower() not in words]
     return list(dict.fromkeys(out))
 
 
@@ -82,11 +76,17 @@ class ClosedForm(UnlearnMethod):
         with torch.no_grad():
             erase_c, erase_a = [], []
             for ci, concept in enumerate(concepts):
-                pairs = [(prompt, concept.anchor) for prompt in target_prompts(concept)]
+                phrasings = target_prompts(concept)
+                pairs = [(prompt, concept.anchor) for prompt in phrasings]
                 if cfg.typo_variants:
-                    pairs += [(prompt, concept.anchor) for prompt in typo_variants(den, concept)]
+                    # misspellings of the canonical text, each erased like a phrasing (measured on
+                    # ConceptWorld: those of every phrasing as well broke other prompts; weighing them
+                    # less left the misspelling as it was)
+                    words = set(vocabulary_words(den.tokenizer)) - {w for p in phrasings for w in p.lower().split()}
+                    pairs += [(prompt, concept.anchor) for prompt in typo_variants(concept.target.text, words)]
                 if cfg.context_prompts:
-                    pairs += context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) + ci)
+                    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) + ci
+                    pairs += context_pairs(den, concept, cfg.context_prompts, seed=seed)
                 for target, anchor in pairs:
                     c, a = aligned_pairs(den, target, anchor)
                     erase_c.append(c)

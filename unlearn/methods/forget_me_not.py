@@ -4,7 +4,9 @@ Zhang et al., "Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Mode
 (arXiv:2303.17591). While the model denoises reference images of the concept, the
 cross-attention probabilities that every cross-attention layer puts on the concept's tokens are
 collected and their norm is minimised; there is no denoising loss. The full UNet is tuned by
-default, cross-attention only as an option.
+default, cross-attention only as an option. ``text_space_weight`` adds
+:class:`~unlearn.methods.base.TextSpace`, a penalty on how much the tuned key/value projections
+change their outputs for the rest of the text space.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..patch import cross_attention_layers
-from .base import UnlearnMethod, progress_bar, register_method, target_prompts
+from .base import TextSpace, UnlearnMethod, progress_bar, register_method, target_prompts
 
 # Words that carry no concept: their tokens are never the ones re-steered.
 _FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background"}
@@ -78,6 +80,7 @@ class ForgetMeNot(UnlearnMethod):
         saved = dict(unet.attn_processors)
         cross = cross_attention_layers(unet)
         unet.set_attn_processor({name: (_AttentionProbe(probes) if name.removesuffix(".processor") in cross else proc) for name, proc in saved.items()})
+        space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
         try:
@@ -90,6 +93,8 @@ class ForgetMeNot(UnlearnMethod):
                 m = masks[j]
                 # attention mass on the concept's tokens, every layer, head and pixel
                 loss = torch.stack([p[..., m].pow(2).sum(-1).mean() for p in probes]).mean()
+                if space is not None:
+                    loss = loss + cfg.text_space_weight * space.penalty(params)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
