@@ -22,11 +22,10 @@ from unlearn.evaluation import evaluate_policy  # noqa: E402
 
 SAMPLES = 24
 _FMN = pytest.mark.xfail(strict=False, reason="measured: stripes still in 83% of target samples after forget_me_not (settings untuned)")
-_CF = pytest.mark.xfail(strict=False, reason="measured: the misspelling 'a str' still draws a star in 17% of samples after closed_form (29% before); target and paraphrases 0%")
 CASES = [
     ("ablation", "zorblax", False),
     pytest.param("forget_me_not", "stripes", False, marks=_FMN),
-    pytest.param("closed_form", "star", False, marks=_CF),
+    ("closed_form", "star", False),
     ("text_encoder", "zorblax", True),  # learnt on images, judged on the video model too
 ]
 # x 8 frames, every frame judged. With 3 clips one frame's wrong attribute is already 2.08

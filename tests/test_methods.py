@@ -192,7 +192,7 @@ def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_cont
     den = Denoiser(tiny_pipeline())
     target, anchor = "big stripes on red", "big a plain background on red"
     emb = den.encode([target, anchor])
-    c, a = aligned_pairs(den, target, anchor)
+    c, a = aligned_pairs(den, target, anchor, after="on red")
     # BOS big | stripes | on red EOS pad...  ->  BOS big | a plain background | on red EOS pad...
     # "stripes" onto "background" (position 4), then every later position two tokens on
     length = emb.shape[1]
@@ -206,6 +206,11 @@ def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_cont
     assert torch.equal(c[0], emb[0, 1]) and torch.equal(a[0], emb[1, 3])  # "the" onto "circle"
     assert torch.equal(c[1], emb[0, 2]) and torch.equal(a[1], emb[1, 3])  # "zorblax" onto "circle"
     assert torch.equal(c[2], emb[0, 3]) and torch.equal(a[2], emb[1, 4])
+    # a phrasing ending in a word the anchor shares is still a phrase: all of it onto the anchor's last word
+    c, a = aligned_pairs(den, "stripy background", "a plain background")
+    emb = den.encode(["stripy background", "a plain background"])
+    assert torch.equal(c[0], emb[0, 1]) and torch.equal(a[0], emb[1, 3])
+    assert torch.equal(c[1], emb[0, 2]) and torch.equal(a[1], emb[1, 3])
 
 
 def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):

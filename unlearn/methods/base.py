@@ -137,6 +137,11 @@ def random_prompts(den: Denoiser, concepts: Sequence, n: int, *, seed: int) -> l
 def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[str, str]]:
     """``n`` (target caption, anchor caption) pairs: a phrasing of the target and the anchor in
     the same context of random vocabulary words, split before and after at a random point."""
+    return [(t, a) for t, a, _ in context_triples(den, concept, n, seed=seed)]
+
+
+def context_triples(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[str, str, str]]:
+    """:func:`context_pairs` with the context that follows the phrase: (target, anchor, after)."""
     phrasings = target_prompts(concept)
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -145,7 +150,7 @@ def context_pairs(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[st
         cut = int(torch.randint(0, len(words) + 1, (1,), generator=gen))
         before, after = " ".join(words[:cut]), " ".join(words[cut:])
         phrase = phrasings[i % len(phrasings)]
-        out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after]))))
+        out.append((" ".join(filter(None, [before, phrase, after])), " ".join(filter(None, [before, concept.anchor, after])), after))
     return out
 
 

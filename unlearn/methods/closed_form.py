@@ -20,29 +20,27 @@ import torch
 from torch import nn
 
 from ..denoiser import Denoiser, vocabulary_words
-from .base import UnlearnMethod, context_pairs, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
+from .base import UnlearnMethod, context_triples, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
 
 
-def aligned_pairs(den: Denoiser, target: str, anchor: str) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_pairs(den: Denoiser, target: str, anchor: str, after: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings of ``target`` and the anchor embeddings they are mapped onto.
 
     ``target`` and ``anchor`` are the same prompt with the concept's phrase in one and the
-    anchor's in the other (a bare phrasing, or a phrasing inside a context caption). The words
-    both share before the phrase encode identically (the encoder is causal) and are left out.
-    The target phrase's words are mapped onto the anchor phrase's last word, so the concept's
-    word is erased wherever it stands; every later position (the words after the phrase, EOS
-    and padding, which a causal encoder fills with the phrase's meaning) is mapped onto the
-    anchor's position that many tokens after its phrase.
+    anchor's in the other, followed by the same context ``after`` (empty for a bare phrasing).
+    The words both share before the phrase encode identically (the encoder is causal) and are
+    left out. The target phrase's words are mapped onto the anchor phrase's last word, which
+    carries the whole anchor, so the concept's word is erased wherever it stands; every later
+    position (the context after the phrase, EOS and padding, which a causal encoder fills with
+    the phrase's meaning) is mapped onto the anchor's position that many tokens after its phrase.
     """
     emb = den.encode([target, anchor])
     length = emb.shape[1]
     t_ids, a_ids = (den.tokenizer(p, add_special_tokens=False).input_ids for p in (target, anchor))
+    suffix = len(den.tokenizer(after, add_special_tokens=False).input_ids) if after else 0
     prefix = 0
-    while prefix < min(len(t_ids), len(a_ids)) and t_ids[prefix] == a_ids[prefix]:
+    while prefix < min(len(t_ids), len(a_ids)) - suffix and t_ids[prefix] == a_ids[prefix]:
         prefix += 1
-    suffix = 0
-    while suffix < min(len(t_ids), len(a_ids)) - prefix and t_ids[-1 - suffix] == a_ids[-1 - suffix]:
-        suffix += 1
     # positions (BOS at 0): the target phrase is [1 + prefix, end_t), the anchor's ends at end_a
     end_t, end_a = 1 + len(t_ids) - suffix, 1 + len(a_ids) - suffix
     start = min(1 + prefix, end_t - 1)
@@ -77,18 +75,18 @@ class ClosedForm(UnlearnMethod):
             erase_c, erase_a = [], []
             for ci, concept in enumerate(concepts):
                 phrasings = target_prompts(concept)
-                pairs = [(prompt, concept.anchor) for prompt in phrasings]
+                pairs = [(prompt, concept.anchor, "") for prompt in phrasings]
                 if cfg.typo_variants:
                     # misspellings of the canonical text, each erased like a phrasing (measured on
                     # ConceptWorld: those of every phrasing as well broke other prompts; weighing them
                     # less left the misspelling as it was)
                     words = set(vocabulary_words(den.tokenizer)) - {w for p in phrasings for w in p.lower().split()}
-                    pairs += [(prompt, concept.anchor) for prompt in typo_variants(concept.target.text, words)]
+                    pairs += [(prompt, concept.anchor, "") for prompt in typo_variants(concept.target.text, words)]
                 if cfg.context_prompts:
                     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) + ci
-                    pairs += context_pairs(den, concept, cfg.context_prompts, seed=seed)
-                for target, anchor in pairs:
-                    c, a = aligned_pairs(den, target, anchor)
+                    pairs += context_triples(den, concept, cfg.context_prompts, seed=seed)
+                for target, anchor, after in pairs:
+                    c, a = aligned_pairs(den, target, anchor, after)
                     erase_c.append(c)
                     erase_a.append(a)
             c_e = torch.cat(erase_c).double()  # (n, d)
