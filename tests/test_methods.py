@@ -27,12 +27,13 @@ METHODS = {
     "ablation_text_space": "{name: ablation, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4, text_space_weight: 1.0, preserve_vocabulary: 8}",
     "ablation_noise": "{name: ablation, variant: noise, parameters: embedding, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4}",
     "forget_me_not": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn}",
+    "forget_me_not_text_space": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, text_space_weight: 1.0, preserve_vocabulary: 8}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:

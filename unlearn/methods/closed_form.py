@@ -73,7 +73,7 @@ class ClosedForm(UnlearnMethod):
         cfg = self.config
         with torch.no_grad():
             erase_c, erase_a = [], []
-            for ci, concept in enumerate(concepts):
+            for concept in concepts:
                 phrasings = target_prompts(concept)
                 pairs = [(prompt, concept.anchor, "") for prompt in phrasings]
                 if cfg.typo_variants:
@@ -83,7 +83,7 @@ class ClosedForm(UnlearnMethod):
                     words = set(vocabulary_words(den.tokenizer)) - {w for p in phrasings for w in p.lower().split()}
                     pairs += [(prompt, concept.anchor, "") for prompt in typo_variants(concept.target.text, words)]
                 if cfg.context_prompts:
-                    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) + ci
+                    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))
                     pairs += context_triples(den, concept, cfg.context_prompts, seed=seed)
                 for target, anchor, after in pairs:
                     c, a = aligned_pairs(den, target, anchor, after)

@@ -75,12 +75,12 @@ class ForgetMeNot(UnlearnMethod):
             from ..patch import PatchError
 
             raise PatchError(f"Concept {concept.id!r}: none of its target words is a token of this model's tokenizer, so there is no attention to re-steer.")
+        space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
         probes: list[torch.Tensor] = []
         unet = den.unet
         saved = dict(unet.attn_processors)
         cross = cross_attention_layers(unet)
         unet.set_attn_processor({name: (_AttentionProbe(probes) if name.removesuffix(".processor") in cross else proc) for name, proc in saved.items()})
-        space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
         try:
