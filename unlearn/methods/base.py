@@ -178,7 +178,8 @@ class TextSpace:
 
     def penalty(self, params: Mapping[str, nn.Parameter]) -> torch.Tensor:
         """Sum over the projections of the mean ``||(W - W0) c||^2`` over the text-space rows ``c``."""
-        return sum(torch.sum(((params[k] - w0) @ self.gram) * (params[k] - w0)) for k, w0 in self.base.items())
+        deltas = (params[k] - w0 for k, w0 in self.base.items())
+        return sum(torch.sum((d @ self.gram) * d) for d in deltas)
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
