@@ -195,18 +195,30 @@ def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_cont
     emb = den.encode([target, anchor])
     c, a = aligned_pairs(den, target, anchor, after="on red")
     # BOS big | stripes | on red EOS pad...  ->  BOS big | a plain background | on red EOS pad...
-    # "stripes" onto "background" (position 4), then every later position two tokens on
+    # "stripes" onto "background" (position 4), "on red EOS" onto "on red EOS"; padding onto the
+    # anchor's at the same position, or onto its EOS (7) while the anchor's words still run there
     length = emb.shape[1]
-    assert c.shape == a.shape == (length - 4, emb.shape[2])
+    assert c.shape == a.shape == (length - 2, emb.shape[2])
     assert torch.equal(c[0], emb[0, 2]) and torch.equal(a[0], emb[1, 4])
     assert torch.equal(c[1], emb[0, 3]) and torch.equal(a[1], emb[1, 5])  # "on" onto "on"
-    assert torch.equal(c[-1], emb[0, length - 3]) and torch.equal(a[-1], emb[1, length - 1])
-    # a bare phrasing: its last word and every later position onto the anchor's
+    assert torch.equal(c[3], emb[0, 5]) and torch.equal(a[3], emb[1, 7])  # EOS onto EOS
+    assert torch.equal(c[4], emb[0, 6]) and torch.equal(a[4], emb[1, 7])  # padding where the anchor says "red"
+    assert torch.equal(c[6], emb[0, 8]) and torch.equal(a[6], emb[1, 8])  # padding onto padding, same position
+    assert torch.equal(c[-1], emb[0, length - 1]) and torch.equal(a[-1], emb[1, length - 1])
+    # a bare phrasing: its words onto the anchor's last word, EOS onto EOS, then by position
     c, a = aligned_pairs(den, "the zorblax", "a green circle")
     emb = den.encode(["the zorblax", "a green circle"])
     assert torch.equal(c[0], emb[0, 1]) and torch.equal(a[0], emb[1, 3])  # "the" onto "circle"
     assert torch.equal(c[1], emb[0, 2]) and torch.equal(a[1], emb[1, 3])  # "zorblax" onto "circle"
-    assert torch.equal(c[2], emb[0, 3]) and torch.equal(a[2], emb[1, 4])
+    assert torch.equal(c[2], emb[0, 3]) and torch.equal(a[2], emb[1, 4])  # EOS onto EOS
+    assert torch.equal(c[3], emb[0, 4]) and torch.equal(a[3], emb[1, 4])
+    assert torch.equal(c[4], emb[0, 5]) and torch.equal(a[4], emb[1, 5])
+    # a phrasing longer than the anchor: its padding onto the anchor's padding at the same position
+    c, a = aligned_pairs(den, "a picture of zorblax", "a green circle")
+    emb = den.encode(["a picture of zorblax", "a green circle"])
+    assert torch.equal(c[0], emb[0, 2]) and torch.equal(a[0], emb[1, 3])  # "picture" onto "circle" ("a" shared)
+    assert torch.equal(c[3], emb[0, 5]) and torch.equal(a[3], emb[1, 4])  # EOS onto EOS
+    assert torch.equal(c[4], emb[0, 6]) and torch.equal(a[4], emb[1, 6])
     # a phrasing ending in a word the anchor shares is still a phrase: all of it onto the anchor's last word
     c, a = aligned_pairs(den, "stripy background", "a plain background")
     emb = den.encode(["stripy background", "a plain background"])
