@@ -261,3 +261,20 @@ def test_typo_variants_leave_out_words_of_the_vocabulary(world_tokenizer):
     variants = typo_variants("the stars", vocab)
     assert "the sars" in variants and "the star" not in variants  # "star" is a word of its own
     assert typo_variants("a red car") == []  # no word of four letters
+
+
+def test_forget_me_not_following_tokens_mask_the_end_of_text_and_padding_after_the_concept(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+    from unlearn.methods.forget_me_not import concept_token_mask
+
+    den = Denoiser(tiny_pipeline())
+    prompts = ["the zorblax", "zorblax on stripes"]
+    length = den.token_ids(prompts).shape[1]
+    k = len(den.tokenizer("zorblax", add_special_tokens=False).input_ids)
+    n = len(den.tokenizer("zorblax on stripes", add_special_tokens=False).input_ids)
+    plain = concept_token_mask(den, prompts, {"zorblax"})
+    full = concept_token_mask(den, prompts, {"zorblax"}, following=True)
+    assert plain[0].nonzero().flatten().tolist() == list(range(2, 2 + k))
+    assert full[0].nonzero().flatten().tolist() == list(range(2, length))  # BOS and "the" stay
+    # the words after the concept are not its tokens; the end-of-text and padding after them are masked
+    assert full[1].nonzero().flatten().tolist() == list(range(1, 1 + k)) + list(range(1 + n, length))

@@ -4,7 +4,9 @@ Zhang et al., "Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion Mode
 (arXiv:2303.17591). While the model denoises reference images of the concept, the
 cross-attention probabilities that every cross-attention layer puts on the concept's tokens are
 collected and their norm is minimised; there is no denoising loss. The full UNet is tuned by
-default, cross-attention only as an option. ``text_space_weight`` adds
+default, cross-attention only (or only its key/value projections, the text side) as an option.
+``following_tokens`` also re-steers the end-of-text and padding positions after the concept's
+words, which a causal text encoder fills with the concept's meaning. ``text_space_weight`` adds
 :class:`~unlearn.methods.base.TextSpace`, a penalty on how much the tuned key/value projections
 change their outputs for the rest of the text space.
 """
@@ -43,8 +45,9 @@ class _AttentionProbe:
         return attn.to_out[1](out)
 
 
-def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str]) -> torch.Tensor:
-    """``(len(prompts), seq)`` booleans: the positions holding tokens of the concept's words."""
+def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str], *, following: bool = False) -> torch.Tensor:
+    """``(len(prompts), seq)`` booleans: the positions holding tokens of the concept's words, and
+    with ``following`` every position after the first of them that is end-of-text or padding."""
     tok = den.tokenizer
     concept_ids = set()
     for word in concept_words:
@@ -53,6 +56,9 @@ def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     for cid in concept_ids:
         mask |= ids == cid
+    if following and tok.eos_token_id is not None:
+        after = mask.int().cumsum(1) > 0
+        mask |= after & ((ids == tok.eos_token_id) | (ids == tok.pad_token_id))
     return mask
 
 
@@ -70,7 +76,7 @@ class ForgetMeNot(UnlearnMethod):
         cfg = self.config
         prompts = target_prompts(concept)
         refs = den.sample_latents(concept.target.text, cfg.reference_images)
-        masks = concept_token_mask(den, prompts, concept_words(concept)).to(den.device)
+        masks = concept_token_mask(den, prompts, concept_words(concept), following=cfg.following_tokens).to(den.device)
         if not masks.any():
             from ..patch import PatchError
 
