@@ -32,7 +32,7 @@ from policies import load_policy_text  # noqa: E402
 # SD defaults (lr 2e-6) would not move them. Each is what the demo policy uses.
 METHOD_SETTINGS = {
     "ablation": "{name: ablation, parameters: cross_attn_kv, steps: 100, learning_rate: 0.001, batch_size: 8, anchor_images: 64, regularization_weight: 1.0, text_space_weight: 0.0005}",
-    "forget_me_not": "{name: forget_me_not, parameters: cross_attn, steps: 35, learning_rate: 0.001, reference_images: 10}",
+    "forget_me_not": "{name: forget_me_not, parameters: cross_attn_kv, following_tokens: true, steps: 200, learning_rate: 0.01, reference_images: 10, text_space_weight: 0.00005}",
     "text_encoder": "{name: text_encoder, steps: 100, learning_rate: 0.0003, images: 8}",
     "closed_form": "{name: closed_form, preserve_weight: 0.5, erase_weight: 16.0, preserve_vocabulary: 512, typo_variants: true}",
 }
