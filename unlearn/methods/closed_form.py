@@ -36,8 +36,8 @@ def aligned_pairs(den: Denoiser, target: str, anchor: str, after: str = "") -> t
     onto the anchor's padding at the *same position*, or onto its end-of-text token where the
     anchor's words still run: a padding encoding carries its position too, and a shift by the
     length difference would ask one linear map to move the same positions by different amounts
-    for phrasings of different lengths (measured on ConceptWorld: the edit then met only a third
-    of its targets on a style's phrasings; aligned by position, about 70%).
+    for phrasings of different lengths (measured on ConceptWorld: the edit then moved a style's
+    phrasings only about a third of the way onto the anchor; aligned by position, about 70%).
     """
     emb = den.encode([target, anchor])
     length = emb.shape[1]
