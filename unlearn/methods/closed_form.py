@@ -50,13 +50,12 @@ def aligned_pairs(den: Denoiser, target: str, anchor: str, after: str = "") -> t
     # context and EOS follow (suffix + 1 tokens), then padding
     end_t, end_a = 1 + len(t_ids) - suffix, 1 + len(a_ids) - suffix
     start = min(1 + prefix, end_t - 1)
-    t_pos = list(range(start, length))
-    a_pos = [end_a - 1] * (end_t - start)
+    pairs = [(p, end_a - 1) for p in range(start, end_t)]
     for p in range(end_t, length):
         q = p - end_t + end_a  # context and EOS: the same offset after the phrase
-        a_pos.append(q if q <= end_a + suffix else max(p, end_a + suffix))  # padding: the same position
-    keep = [i for i, q in enumerate(a_pos) if q < length]
-    return emb[0, [t_pos[i] for i in keep]], emb[1, [a_pos[i] for i in keep]]
+        pairs.append((p, q if q <= end_a + suffix else max(p, end_a + suffix)))  # padding: the same position
+    t_pos, a_pos = zip(*[(p, q) for p, q in pairs if q < length])
+    return emb[0, list(t_pos)], emb[1, list(a_pos)]
 
 
 def typo_variants(phrase: str, words: set[str] = frozenset()) -> list[str]:

@@ -56,9 +56,9 @@ def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     for cid in concept_ids:
         mask |= ids == cid
-    if following and tok.eos_token_id is not None:
-        after = mask.int().cumsum(1) > 0
-        mask |= after & ((ids == tok.eos_token_id) | (ids == tok.pad_token_id))
+    end_ids = torch.tensor([i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None], dtype=ids.dtype)
+    if following and len(end_ids):
+        mask |= (mask.cumsum(1) > 0) & torch.isin(ids, end_ids)
     return mask
 
 
