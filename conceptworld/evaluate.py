@@ -12,8 +12,10 @@ Writes ``report.json``, ``t2i_grid.png`` (one row per prompt) and ``t2v_samples.
 
 Speed is timed twice: right after the sampling (``*_sustained``: the CPU has been fully busy
 for minutes) and again after ``--rest`` idle seconds. The bar is read on the second, the latency
-of one request to an otherwise idle machine; both are written. On the 2-core CI-class machine the
-same image took 0.27-0.30 s when rested and 0.35-0.37 s after a few minutes of full load.
+of one request to an otherwise idle machine; both are written. Each is timed with the denoiser
+traced (:mod:`serve.traced`, as ``conceptguard serve`` runs it on a CPU; the bar reads this one)
+and with the stock eager denoiser (``*_eager``). Both give the same images; sampling uses the
+traced one unless ``--no-trace``. ``bench/speed.py`` times only the speed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from . import judge as judge_images
 from . import judge_video, load_t2i, load_t2v, world
+from serve.traced import trace_pipeline, untrace_pipeline
 
 BARS = {
     "t2i_attribute": 0.90,
@@ -111,6 +114,17 @@ def time_rested(fn, repeats: int, rest_s: float) -> tuple[float, float]:
     return time_call(fn, repeats), sustained
 
 
+def time_modes(pipe, name: str, fn, repeats: int, rest_s: float) -> dict:
+    """Rested and sustained timings of ``fn`` with the denoiser traced (as ``conceptguard serve``
+    runs it on a CPU; the bar reads this one) and eager (the stock pipeline as loaded)."""
+    out = {}
+    for mode in ("traced", "eager"):
+        (trace_pipeline if mode == "traced" else untrace_pipeline)(pipe)
+        suffix = "" if mode == "traced" else "_eager"
+        out[name + suffix], out[name + suffix + "_sustained"] = time_rested(fn, repeats, rest_s)
+    return out
+
+
 def time_call(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -147,13 +161,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rest", type=float, default=30.0, help="idle seconds before the rested speed timing")
     parser.add_argument("--skip-video", action="store_true")
+    parser.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="sample with the stock eager denoiser (outputs are identical; the traced one, as conceptguard serve runs it on a CPU, is faster)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    report: dict = {"settings": {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "scheduler": "DDIM", "seed": args.seed}}
+    report: dict = {
+        "settings": {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "scheduler": "DDIM", "seed": args.seed, "traced": not args.no_trace}
+    }
     t2i = load_t2i()
     t2i.set_progress_bar_config(disable=True)
+    if not args.no_trace:
+        trace_pipeline(t2i)
     sets = image_prompts(args.seed)
     grid_rows = []
     results: dict[str, list] = {}
@@ -181,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "paraphrase_full": float(np.mean([r["full"] for r in results["paraphrase"]])),
         "prompts": results,
     }
-    t2i_report["seconds_per_image"], t2i_report["seconds_per_image_sustained"] = time_rested(
-        lambda: generate_images(t2i, "a red star on stripes", 1, args.steps, args.guidance, 0), 10, args.rest
+    t2i_report.update(
+        time_modes(t2i, "seconds_per_image", lambda: generate_images(t2i, "a red star on stripes", 1, args.steps, args.guidance, 0), 10, args.rest)
     )
     report["t2i"] = t2i_report
     save_grid(grid_rows, args.out / "t2i_grid.png")
@@ -190,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_video:
         t2v = load_t2v()
         t2v.set_progress_bar_config(disable=True)
+        if not args.no_trace:
+            trace_pipeline(t2v)
         vrows, gif_clips = [], []
         for j, spec in enumerate(video_prompts()):
             clips = generate_clips(t2v, spec["prompt"], args.samples, args.steps, args.guidance, args.seed + j)
@@ -207,8 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
             "motion": float(np.mean([r["motion"] for r in vrows])),
             "prompts": vrows,
         }
-        report["t2v"]["seconds_per_clip"], report["t2v"]["seconds_per_clip_sustained"] = time_rested(
-            lambda: generate_clips(t2v, "a red star moving left on stripes", 1, args.steps, args.guidance, 0), 3, args.rest
+        report["t2v"].update(
+            time_modes(t2v, "seconds_per_clip", lambda: generate_clips(t2v, "a red star moving left on stripes", 1, args.steps, args.guidance, 0), 3, args.rest)
         )
         save_gif(gif_clips, args.out / "t2v_samples.gif")
 
@@ -238,7 +263,9 @@ def print_summary(report: dict) -> None:
         print(f"{k:32s} {row['measured']:9.3f} {row['bar']:6.2f}  {'yes' if row['met'] else 'NO'}")
     for key, name in (("t2i", "seconds_per_image"), ("t2v", "seconds_per_clip")):
         if key in report:
-            print(f"{key}_{name} right after sampling (CPU busy for minutes): {report[key][name + '_sustained']:.3f}")
+            r = report[key]
+            print(f"{key}_{name} (traced denoiser) right after sampling (CPU busy for minutes): {r[name + '_sustained']:.3f}")
+            print(f"{key}_{name} with the stock eager denoiser: {r[name + '_eager']:.3f} rested, {r[name + '_eager_sustained']:.3f} right away")
 
 
 if __name__ == "__main__":
