@@ -48,6 +48,10 @@ class ServeSettings(BaseModel):
     cache_dir: str | None = Field(default=None, description="Patch cache folder, shared by all replicas (a shared filesystem in a cluster).")
     device: str | None = Field(default=None, description="Device of the model replicas (cpu, cuda); default: where the pipeline loads.")
     seed: int = Field(default=0, description="Seed of the patch builds.")
+    trace_denoiser: bool | None = Field(
+        default=None,
+        description="Replay each replica's denoiser through TorchScript traces (same outputs, about a quarter faster on a CPU); default: on for CPU replicas.",
+    )
     image_replicas: PositiveInt = Field(default=1, description="Replicas of the text-to-image deployment.")
     video_replicas: PositiveInt = Field(default=1, description="Replicas of the text-to-video deployment.")
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per model replica.")
@@ -87,8 +91,8 @@ class _ModelDeployment:
 
     kind = ""
 
-    def __init__(self, cache_dir: str | None, device: str | None, seed: int, torch_threads: int | None = None):
-        self.cache_dir, self.device, self.seed = cache_dir, device, seed
+    def __init__(self, cache_dir: str | None, device: str | None, seed: int, torch_threads: int | None = None, trace_denoiser: bool | None = None):
+        self.cache_dir, self.device, self.seed, self.trace_denoiser = cache_dir, device, seed, trace_denoiser
         if torch_threads:
             import torch
 
@@ -102,7 +106,16 @@ class _ModelDeployment:
         yaml_text, source = user_config["policy_yaml"], user_config.get("source", "<policy>")
         if self.model is None:
             try:
-                self.model = await asyncio.to_thread(PatchedModel, self.kind, yaml_text, source_name=source, cache_dir=self.cache_dir, device=self.device, seed=self.seed)
+                self.model = await asyncio.to_thread(
+                    PatchedModel,
+                    self.kind,
+                    yaml_text,
+                    source_name=source,
+                    cache_dir=self.cache_dir,
+                    device=self.device,
+                    seed=self.seed,
+                    trace_denoiser=self.trace_denoiser,
+                )
             except Exception as e:
                 self.error = f"{type(e).__name__}: {e}"
                 logger.error("%s replica cannot apply its policy and will not serve: %s", self.kind, self.error)
@@ -414,7 +427,7 @@ def build_app(settings: ServeSettings):
         user_config=user_config,
         max_ongoing_requests=settings.max_ongoing_requests,
     )
-    args = (settings.cache_dir, settings.device, settings.seed, settings.torch_threads)
+    args = (settings.cache_dir, settings.device, settings.seed, settings.torch_threads, settings.trace_denoiser)
     image = ImageModel.options(**{**opts, "num_replicas": settings.image_replicas}).bind(*args) if "text_to_image" in models else None
     video = VideoModel.options(**{**opts, "num_replicas": settings.video_replicas}).bind(*args) if "text_to_video" in models else None
     # I/O only; leave the CPUs to the models. Ray's default of 5 ongoing requests would cap the

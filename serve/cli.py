@@ -103,6 +103,9 @@ def serve_command(
     num_cpus: float = typer.Option(1.0, min=0.01, help="CPUs per model replica."),
     num_gpus: float = typer.Option(0.0, min=0.0, help="GPUs per model replica."),
     max_batch_size: int = typer.Option(8, min=1, help="Most image requests batched into one generation."),
+    trace_denoiser: Optional[bool] = typer.Option(
+        None, "--trace-denoiser/--no-trace-denoiser", help="Replay the denoiser through TorchScript traces (same outputs; default: on for CPU replicas)."
+    ),
     ray_address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster (default: start a local Ray)."),
     exit_when_ready: bool = typer.Option(False, "--exit-when-ready", help="Stop once the app is ready (for checks and benchmarks)."),
 ) -> None:
@@ -121,6 +124,7 @@ def serve_command(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_batch_size=max_batch_size,
+        trace_denoiser=trace_denoiser,
     )
     from policies import PolicyError, load_policy
 

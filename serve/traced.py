@@ -104,6 +104,14 @@ class TracedDenoiser:
         self._stale = False
         self._snapshot()
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the denoiser (a policy build copies the pipeline) runs eagerly: the
+        copy's ``forward`` is its class's own, bound to the copy."""
+        copied = memo.get(id(self.denoiser))
+        if copied is None:
+            raise TypeError("A TracedDenoiser is copied only as part of its denoiser; trace the copy with trace_pipeline.")
+        return type(copied).forward.__get__(copied)
+
     def _snapshot(self) -> None:
         self._modules = list(self.denoiser.modules())
         self._submodules = self._modules[1:]

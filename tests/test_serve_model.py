@@ -58,6 +58,22 @@ def test_update_swaps_to_the_new_version(replica):
     assert replica.info()["policy"]["version"] == "2.0.0"
 
 
+def test_cpu_replica_serves_through_the_traced_denoiser_with_the_eager_outputs(replica):
+    from serve.traced import trace_pipeline, untrace_pipeline
+
+    request = {"prompt": "zorblax", "n": 2, "steps": 5, "guidance": 5.0, "seed": 3, "width": None, "height": None}
+    traced = replica.generate([request])[0]["arrays"]
+    info = replica.info()["denoiser"]
+    assert info["traced"] and info["calls"]["traced"] >= 5
+    untrace_pipeline(replica.pipe)
+    try:
+        eager = replica.generate([request])[0]["arrays"]
+    finally:
+        replica.tracer = trace_pipeline(replica.pipe)
+    for a, b in zip(traced, eager):
+        assert abs(a - b).max() <= 1e-6
+
+
 def test_replica_with_a_patch_for_another_base_never_becomes_ready(tmp_path, tiny_pipeline):
     pol = load_policy_text(policy(), "p.yaml")
     models = load_policy_pipelines(pol)
