@@ -114,7 +114,8 @@ class TracedDenoiser:
 
     def _snapshot(self) -> None:
         self._modules = list(self.denoiser.modules())
-        self._submodules = self._modules[1:]
+        # the hook dicts of every submodule, checked on each call (hooks would not run in a trace)
+        self._hook_dicts = [d for m in self._modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
         self._module_ids = {id(m) for m in self._modules}
         self._processors = [(m, m.processor) for m in self._modules if hasattr(m, "processor") and hasattr(m, "set_processor")]
 
@@ -158,7 +159,7 @@ class TracedDenoiser:
             return False
         if _global_hooks_present():
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._submodules)
+        return not any(self._hook_dicts)
 
     def _trace(self, key, sample, timestep, encoder_hidden_states) -> tuple:
         expected = self.eager(sample, timestep, encoder_hidden_states, return_dict=True)
