@@ -113,11 +113,11 @@ class TracedDenoiser:
         return type(copied).forward.__get__(copied)
 
     def _snapshot(self) -> None:
-        self._modules = list(self.denoiser.modules())
+        modules = list(self.denoiser.modules())
         # the hook dicts of every submodule, checked on each call (hooks would not run in a trace)
-        self._hook_dicts = [d for m in self._modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
-        self._module_ids = {id(m) for m in self._modules}
-        self._processors = [(m, m.processor) for m in self._modules if hasattr(m, "processor") and hasattr(m, "set_processor")]
+        self._hook_dicts = [d for m in modules[1:] for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self._module_ids = {id(m) for m in modules}
+        self._processors = [(m, m.processor) for m in modules if hasattr(m, "processor") and hasattr(m, "set_processor")]
 
     def _reset(self) -> None:
         self._entries.clear()
