@@ -297,6 +297,18 @@ class TextEncoderConfig(_MethodConfig):
         default=0,
         description="Extra training pairs that place a target phrasing and the anchor in the same random context of vocabulary words, so the encoder also re-maps the concept inside longer prompts; 0: the target phrasings alone.",
     )
+    encoding_weight: NonNegativeFloat = Field(
+        default=0.0,
+        description="Weight of a term pulling the tuned encoding of each target phrasing (and context pair) onto the frozen encoding of the anchor, position by position, so that a denoiser the patch was not trained against (the video UNet sharing the encoder) reads the anchor too; 0 turns it off.",
+    )
+    preserve_weight: NonNegativeFloat = Field(
+        default=1.0, description="Weight of the term holding the encodings of the preserve prompts (and the preserve vocabulary) at their original values."
+    )
+    preserve_vocabulary: NonNegativeInt = Field(
+        default=0,
+        le=100_000,
+        description="Random prompts of 1-5 vocabulary words (the target's words left out) held at their original encodings as well, so the tuned encoder keeps the text space at large; 0 turns it off.",
+    )
 
     @property
     def parameter_group(self) -> str:

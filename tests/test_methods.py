@@ -30,10 +30,11 @@ METHODS = {
     "forget_me_not_text_space": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, text_space_weight: 1.0, preserve_vocabulary: 8}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
+    "text_encoder_encoding": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6, encoding_weight: 1.0, preserve_vocabulary: 8}",
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -69,6 +70,39 @@ def test_each_method_builds_a_patch_and_leaves_the_pipeline_unchanged(tiny_pipel
     assert any(not torch.equal(before[k], v) for k, v in weights(pipe).items())
     stack.remove_all()
     assert all(torch.equal(before[k], v) for k, v in weights(pipe).items())
+
+
+def test_text_encoder_encoding_term_moves_the_target_encoding_onto_the_anchor(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+    from unlearn.methods.base import aligned_positions
+
+    pipe = tiny_pipeline()
+    den = Denoiser(pipe)
+    t_pos, a_pos = aligned_positions(den, "zorblax", "a green circle")
+    with torch.no_grad():
+        goal = den.encode(["a green circle"])[0, a_pos]
+        held = den.encode(["a green square", "quibbit"])
+
+    def distances(weight: float, preserve_weight: float = 1.0) -> tuple[float, float]:
+        method = f"{{name: text_encoder, steps: 40, learning_rate: 0.003, images: 2, encoding_weight: {weight}, preserve_weight: {preserve_weight}}}"
+        concept = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", method)).spec.concepts[0]
+        patch = get_method("text_encoder")(concept.method).build(pipe, [concept], seed=0, progress=False)
+        stack = PatchStack(pipeline_components(pipe))
+        stack.apply(patch)
+        with torch.no_grad():
+            moved = float((den.encode(["zorblax"])[0, t_pos] - goal).pow(2).mean())
+            drift = float((den.encode(["a green square", "quibbit"]) - held).pow(2).mean())
+        stack.remove_all()
+        return moved, drift
+
+    with torch.no_grad():
+        start = float((den.encode(["zorblax"])[0, t_pos] - goal).pow(2).mean())
+    plain, _ = distances(0.0)
+    pulled, _ = distances(10.0)
+    assert pulled < 0.5 * min(start, plain), (start, plain, pulled)
+    _, drift = distances(10.0, preserve_weight=10.0)
+    _, loose_drift = distances(10.0, preserve_weight=0.0)
+    assert drift < 0.5 * loose_drift, (drift, loose_drift)  # the preserve term holds the preserve prompts
 
 
 def test_builds_are_seeded(tiny_pipeline):

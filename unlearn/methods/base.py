@@ -154,6 +154,47 @@ def context_triples(den: Denoiser, concept, n: int, *, seed: int) -> list[tuple[
     return out
 
 
+def aligned_pairs(den: Denoiser, target: str, anchor: str, after: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of ``target`` and the anchor embeddings they are mapped onto.
+
+    ``target`` and ``anchor`` are the same prompt with the concept's phrase in one and the
+    anchor's in the other, followed by the same context ``after`` (empty for a bare phrasing).
+    The words both share before the phrase encode identically (the encoder is causal) and are
+    left out. The target phrase's words are mapped onto the anchor phrase's last word, which
+    carries the whole anchor, so the concept's word is erased wherever it stands. The context
+    after the phrase and the end-of-text token are mapped onto the anchor's, word for word. The
+    padding that follows (which a causal encoder also fills with the phrase's meaning) is mapped
+    onto the anchor's padding at the *same position*, or onto its end-of-text token where the
+    anchor's words still run: a padding encoding carries its position too, and a shift by the
+    length difference would ask one linear map to move the same positions by different amounts
+    for phrasings of different lengths (measured on ConceptWorld: the edit then moved a style's
+    phrasings only about a third of the way onto the anchor; aligned by position, about 70%).
+    """
+    emb = den.encode([target, anchor])
+    t_pos, a_pos = aligned_positions(den, target, anchor, after, emb.shape[1])
+    return emb[0, t_pos], emb[1, a_pos]
+
+
+def aligned_positions(den: Denoiser, target: str, anchor: str, after: str = "", length: int | None = None) -> tuple[list[int], list[int]]:
+    """The token positions of :func:`aligned_pairs`: ``(target positions, anchor positions)``."""
+    length = length or den.tokenizer.model_max_length
+    t_ids, a_ids = (den.tokenizer(p, add_special_tokens=False).input_ids for p in (target, anchor))
+    suffix = len(den.tokenizer(after, add_special_tokens=False).input_ids) if after else 0
+    prefix = 0
+    while prefix < min(len(t_ids), len(a_ids)) - suffix and t_ids[prefix] == a_ids[prefix]:
+        prefix += 1
+    # positions (BOS at 0): the target phrase is [start, end_t), the anchor's ends at end_a; the
+    # context and EOS follow (suffix + 1 tokens), then padding
+    end_t, end_a = 1 + len(t_ids) - suffix, 1 + len(a_ids) - suffix
+    start = min(1 + prefix, end_t - 1)
+    pairs = [(p, end_a - 1) for p in range(start, end_t)]
+    for p in range(end_t, length):
+        q = p - end_t + end_a  # context and EOS: the same offset after the phrase
+        pairs.append((p, q if q <= end_a + suffix else max(p, end_a + suffix)))  # padding: the same position
+    t_pos, a_pos = zip(*[(p, q) for p, q in pairs if q < length])
+    return list(t_pos), list(a_pos)
+
+
 class TextSpace:
     """A penalty on how much fine-tuned cross-attention key/value projections change their
     outputs over the rest of the text space: the concepts' preserve prompts and ``n`` random

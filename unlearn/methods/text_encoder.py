@@ -12,6 +12,13 @@ values. With ``context_prompts`` the target also appears inside random contexts 
 vocabulary, each paired with the same context around the anchor (encoded before any weight
 moves), so longer prompts naming the concept are re-mapped too. The UNet never changes, so the patch only touches ``text_encoder`` and applies to the
 image and video pipelines alike.
+
+The UNet-side loss only asks that the *image* UNet read the tuned target encoding as the anchor;
+a video UNet may read the same encoding otherwise. ``encoding_weight`` adds a term on the text
+side: the tuned encoding of each target phrasing (and context caption) is pulled onto the frozen
+encoding of the anchor, position by position (aligned as the closed-form edit aligns them), so
+every denoiser sharing the encoder reads the anchor. ``preserve_vocabulary`` holds random
+vocabulary prompts at their original encodings besides the listed preserve prompts.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import Denoiser
-from .base import UnlearnMethod, context_pairs, progress_bar, register_method, target_prompts
+from .base import UnlearnMethod, aligned_positions, context_triples, progress_bar, random_prompts, register_method, target_prompts
 
 
 @register_method
@@ -36,12 +43,19 @@ class TextEncoderUnlearning(UnlearnMethod):
         targets = target_prompts(concept)
         half = max(1, cfg.images // 2)
         x0 = torch.cat([den.sample_latents(concept.target.text, half), den.sample_latents(concept.anchor, cfg.images - half or 1)])
-        preserve = list(concept.preserve)
-        pairs = context_pairs(den, concept, cfg.context_prompts, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))) if cfg.context_prompts else []
+        # drawn only when used, so settings without these terms keep their random stream
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)) if cfg.context_prompts or cfg.preserve_vocabulary else 0
+        triples = context_triples(den, concept, cfg.context_prompts, seed=seed) if cfg.context_prompts else []
+        pairs = [(t, a) for t, a, _ in triples]
+        held = list(concept.preserve) + random_prompts(den, [concept], cfg.preserve_vocabulary, seed=seed + 1)
         with torch.no_grad():
             anchor_emb = den.encode([concept.anchor])
-            preserve_goal = den.encode(preserve) if preserve else None
-            context_goal = torch.cat([den.encode([a for _, a in pairs[i : i + 64]]) for i in range(0, len(pairs), 64)]) if pairs else None
+            held_goal = encode_all(den, held) if held else None
+            context_goal = encode_all(den, [a for _, a in pairs]) if pairs else None
+            # (target, anchor, context after) items of the encoding term, with their aligned positions and goals
+            items = [(t, concept.anchor, "") for t in targets] + triples if cfg.encoding_weight else []
+            aligned = [aligned_positions(den, t, a, after) for t, a, after in items]
+            item_goal = encode_all(den, [a for _, a, _ in items]) if items else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"text_encoder {concept.id}", progress)
         batch = 4
@@ -57,11 +71,23 @@ class TextEncoderUnlearning(UnlearnMethod):
                 with torch.no_grad():
                     ctx_goal = den.predict(x_t, t, context_goal[k])
                 loss = loss + F.mse_loss(den.predict(x_t, t, den.encode([pairs[int(i)][0] for i in k])), ctx_goal)
-            if preserve_goal is not None:
-                loss = loss + F.mse_loss(den.encode(preserve), preserve_goal)
+            if item_goal is not None:
+                k = torch.randint(0, len(items), (batch,), generator=den.generator).tolist()
+                enc = den.encode([items[i][0] for i in k])
+                got = torch.cat([enc[j, aligned[i][0]] for j, i in enumerate(k)])
+                want = torch.cat([item_goal[i, aligned[i][1]] for i in k])
+                loss = loss + cfg.encoding_weight * F.mse_loss(got, want)
+            if held_goal is not None:
+                k = torch.randperm(len(held), generator=den.generator)[:64] if len(held) > 64 else torch.arange(len(held))
+                loss = loss + cfg.preserve_weight * F.mse_loss(den.encode([held[int(i)] for i in k]), held_goal[k])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
+
+
+def encode_all(den: Denoiser, prompts: list[str], chunk: int = 64) -> torch.Tensor:
+    """Encodings of ``prompts`` in chunks (no gradient is needed for goals)."""
+    return torch.cat([den.encode(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)])
