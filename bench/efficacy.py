@@ -50,15 +50,17 @@ CONCEPTS = {
 # square on stripes"), so its ablation trains on context prompts too (measured: without them the
 # style's paraphrases keep it in 95% of samples; on an instance they cost unrelated prompts).
 # text_encoder likewise: stripes survived in 39% of image samples with the target phrasings alone,
-# 12.5% with context prompts and 200 steps, 0% with 400. For styles and objects it also pulls the
-# target's encoding onto the anchor's and holds the preserve prompts harder, so the video model
-# (never trained against) reads the anchor too and keeps its neighbours (measured, 16 clips: star
-# -> circle in 54% of frames without the encoding term, 98% with it; dots' preserve prompt "an
-# orange star on a checkerboard" -9.3 points with preserve weight 1, -4.3 with 10).
+# 12.5% with context prompts and 200 steps, 0% with 400. For objects it also pulls the target's
+# encoding onto the anchor's and holds the preserve prompts and 256 vocabulary prompts harder, so
+# the video model (never trained against) reads the anchor too and keeps its neighbours (star, 16
+# clips: the circle in 54% of frames without the encoding term, 98% with it; the vocabulary term
+# kept "an orange triangle on dots", which preserve weight 10 alone broke), and trains on the
+# target's misspellings (without them "a str" kept the star in 11% of image samples). On dots
+# the same settings held the text space too hard: 27% of images and 38% of frames kept the dots.
 CATEGORY_SETTINGS = {
     ("ablation", "style"): "{name: ablation, parameters: cross_attn_kv, steps: 200, learning_rate: 0.001, batch_size: 8, anchor_images: 64, regularization_weight: 1.0, context_prompts: 512, preserve_weight: 1.0}",
-    ("text_encoder", "style"): "{name: text_encoder, steps: 400, learning_rate: 0.0003, images: 8, context_prompts: 512, encoding_weight: 1.0, preserve_weight: 10.0, preserve_vocabulary: 256}",
-    ("text_encoder", "object"): "{name: text_encoder, steps: 100, learning_rate: 0.0003, images: 8, encoding_weight: 1.0, preserve_weight: 10.0, preserve_vocabulary: 256}",
+    ("text_encoder", "style"): "{name: text_encoder, steps: 400, learning_rate: 0.0003, images: 8, context_prompts: 512}",
+    ("text_encoder", "object"): "{name: text_encoder, steps: 100, learning_rate: 0.0003, images: 8, encoding_weight: 1.0, preserve_weight: 10.0, preserve_vocabulary: 256, typo_variants: true}",
 }
 
 

@@ -309,6 +309,10 @@ class TextEncoderConfig(_MethodConfig):
         le=100_000,
         description="Random prompts of 1-5 vocabulary words (the target's words left out) held at their original encodings as well, so the tuned encoder keeps the text space at large; 0 turns it off.",
     )
+    typo_variants: bool = Field(
+        default=False,
+        description="Also train on misspellings of the target's canonical text (one letter dropped, or two neighbouring letters swapped, in a word of 4+ letters; variants that spell another vocabulary word left out) as extra target phrasings.",
+    )
 
     @property
     def parameter_group(self) -> str:

@@ -195,6 +195,20 @@ def aligned_positions(den: Denoiser, target: str, anchor: str, after: str = "", 
     return list(t_pos), list(a_pos)
 
 
+def typo_variants(phrase: str, words: set[str] = frozenset()) -> list[str]:
+    """Misspellings of ``phrase``: each of its words of at least four letters with one letter
+    dropped or two neighbouring letters swapped, one change per variant. A variant that spells
+    one of ``words`` (the tokenizer's other vocabulary words) is left out: it names something else."""
+    out: list[str] = []
+    tokens = phrase.split()
+    for i, w in enumerate(tokens):
+        if len(w) < 4 or not w.isalpha():
+            continue
+        edits = {w[:k] + w[k + 1 :] for k in range(len(w))} | {w[:k] + w[k + 1] + w[k] + w[k + 2 :] for k in range(len(w) - 1)}
+        out += [" ".join([*tokens[:i], e, *tokens[i + 1 :]]) for e in sorted(edits - {w}) if e.lower() not in words]
+    return list(dict.fromkeys(out))
+
+
 class TextSpace:
     """A penalty on how much fine-tuned cross-attention key/value projections change their
     outputs over the rest of the text space: the concepts' preserve prompts and ``n`` random

@@ -18,7 +18,8 @@ a video UNet may read the same encoding otherwise. ``encoding_weight`` adds a te
 side: the tuned encoding of each target phrasing (and context caption) is pulled onto the frozen
 encoding of the anchor, position by position (aligned as the closed-form edit aligns them), so
 every denoiser sharing the encoder reads the anchor. ``preserve_vocabulary`` holds random
-vocabulary prompts at their original encodings besides the listed preserve prompts.
+vocabulary prompts at their original encodings besides the listed preserve prompts, and
+``typo_variants`` trains on the canonical text's one-letter misspellings as extra phrasings.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoiser import Denoiser
-from .base import UnlearnMethod, aligned_positions, context_triples, progress_bar, random_prompts, register_method, target_prompts
+from ..denoiser import Denoiser, vocabulary_words
+from .base import UnlearnMethod, aligned_positions, context_triples, progress_bar, random_prompts, register_method, target_prompts, typo_variants
 
 
 @register_method
@@ -41,6 +42,9 @@ class TextEncoderUnlearning(UnlearnMethod):
         (concept,) = concepts
         cfg = self.config
         targets = target_prompts(concept)
+        if cfg.typo_variants:  # misspellings of the canonical text, trained on like phrasings
+            words = set(vocabulary_words(den.tokenizer)) - {w for p in targets for w in p.lower().split()}
+            targets = targets + typo_variants(concept.target.text, words)
         half = max(1, cfg.images // 2)
         x0 = torch.cat([den.sample_latents(concept.target.text, half), den.sample_latents(concept.anchor, cfg.images - half or 1)])
         # drawn only when used, so settings without these terms keep their random stream
