@@ -222,7 +222,7 @@ def test_diffusion_losses_follow_the_schedulers_prediction_type(tiny_pipeline):
 
 def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_context(tiny_pipeline):
     from unlearn.denoiser import Denoiser
-    from unlearn.methods.closed_form import aligned_pairs
+    from unlearn.methods.base import aligned_pairs
 
     den = Denoiser(tiny_pipeline())
     target, anchor = "big stripes on red", "big a plain background on red"
@@ -262,7 +262,7 @@ def test_closed_form_aligns_a_phrase_in_context_with_the_anchor_in_the_same_cont
 
 def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):
     from unlearn.denoiser import Denoiser
-    from unlearn.methods.closed_form import aligned_pairs, typo_variants
+    from unlearn.methods.base import aligned_pairs, typo_variants
 
     pipe = tiny_pipeline()
     plain = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", "{name: closed_form, erase_weight: 16.0}")).spec.concepts[0]
@@ -288,7 +288,7 @@ def test_closed_form_typo_variants_erase_misspellings_too(tiny_pipeline):
 
 def test_typo_variants_leave_out_words_of_the_vocabulary(world_tokenizer):
     from unlearn.denoiser import vocabulary_words
-    from unlearn.methods.closed_form import typo_variants
+    from unlearn.methods.base import typo_variants
 
     vocab = set(vocabulary_words(world_tokenizer)) - {"stars"}
     assert "star" in typo_variants("stars") and "sars" in typo_variants("stars")

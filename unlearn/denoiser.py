@@ -61,6 +61,10 @@ class Denoiser:
         te = text_encoder or self.text_encoder
         return te(self.token_ids(prompts))[0]
 
+    def encode_many(self, prompts: Sequence[str], chunk: int = 64) -> torch.Tensor:
+        """:meth:`encode` over many prompts, ``chunk`` at a time."""
+        return torch.cat([self.encode(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)])
+
     # ---- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
     def sample_latents(self, prompt: str, n: int, *, steps: int = 25, guidance: float = 5.0, batch: int = 32) -> torch.Tensor:

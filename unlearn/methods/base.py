@@ -209,6 +209,13 @@ def typo_variants(phrase: str, words: set[str] = frozenset()) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def target_typo_variants(den: Denoiser, concept) -> list[str]:
+    """:func:`typo_variants` of the concept's canonical text, less those that spell another word
+    of the tokenizer's vocabulary (the words of the concept's own phrasings are not counted)."""
+    words = set(vocabulary_words(den.tokenizer)) - {w for p in target_prompts(concept) for w in p.lower().split()}
+    return typo_variants(concept.target.text, words)
+
+
 class TextSpace:
     """A penalty on how much fine-tuned cross-attention key/value projections change their
     outputs over the rest of the text space: the concepts' preserve prompts and ``n`` random
@@ -228,7 +235,7 @@ class TextSpace:
         prompts = preserve_prompts(concepts) + random_prompts(den, concepts, n, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator)))
         if not base or not prompts:
             return None
-        rows = torch.cat([den.encode(prompts[i : i + 64]).flatten(0, 1) for i in range(0, len(prompts), 64)])
+        rows = den.encode_many(prompts).flatten(0, 1)
         return cls(rows.T @ rows / len(rows), base)
 
     def penalty(self, params: Mapping[str, nn.Parameter]) -> torch.Tensor:

@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser, vocabulary_words
-from .base import UnlearnMethod, aligned_pairs, context_triples, typo_variants, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, aligned_pairs, context_triples, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts, target_typo_variants
 
 
 @register_method
@@ -39,8 +39,7 @@ class ClosedForm(UnlearnMethod):
                     # misspellings of the canonical text, each erased like a phrasing (measured on
                     # ConceptWorld: those of every phrasing as well broke other prompts; weighing them
                     # less left the misspelling as it was)
-                    words = set(vocabulary_words(den.tokenizer)) - {w for p in phrasings for w in p.lower().split()}
-                    pairs += [(prompt, concept.anchor, "") for prompt in typo_variants(concept.target.text, words)]
+                    pairs += [(prompt, concept.anchor, "") for prompt in target_typo_variants(den, concept)]
                 if cfg.context_prompts:
                     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))
                     pairs += context_triples(den, concept, cfg.context_prompts, seed=seed)

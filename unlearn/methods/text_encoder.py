@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoiser import Denoiser, vocabulary_words
-from .base import UnlearnMethod, aligned_positions, context_triples, progress_bar, random_prompts, register_method, target_prompts, typo_variants
+from ..denoiser import Denoiser
+from .base import UnlearnMethod, aligned_positions, context_triples, progress_bar, random_prompts, register_method, target_prompts, target_typo_variants
 
 
 @register_method
@@ -43,8 +43,7 @@ class TextEncoderUnlearning(UnlearnMethod):
         cfg = self.config
         targets = target_prompts(concept)
         if cfg.typo_variants:  # misspellings of the canonical text, trained on like phrasings
-            words = set(vocabulary_words(den.tokenizer)) - {w for p in targets for w in p.lower().split()}
-            targets = targets + typo_variants(concept.target.text, words)
+            targets = targets + target_typo_variants(den, concept)
         half = max(1, cfg.images // 2)
         x0 = torch.cat([den.sample_latents(concept.target.text, half), den.sample_latents(concept.anchor, cfg.images - half or 1)])
         # drawn only when used, so settings without these terms keep their random stream
@@ -54,12 +53,12 @@ class TextEncoderUnlearning(UnlearnMethod):
         held = list(concept.preserve) + random_prompts(den, [concept], cfg.preserve_vocabulary, seed=seed + 1)
         with torch.no_grad():
             anchor_emb = den.encode([concept.anchor])
-            held_goal = encode_all(den, held) if held else None
-            context_goal = encode_all(den, [a for _, a in pairs]) if pairs else None
+            held_goal = den.encode_many(held) if held else None
+            context_goal = den.encode_many([a for _, a in pairs]) if pairs else None
             # (target, anchor, context after) items of the encoding term, with their aligned positions and goals
             items = [(t, concept.anchor, "") for t in targets] + triples if cfg.encoding_weight else []
             aligned = [aligned_positions(den, t, a, after) for t, a, after in items]
-            item_goal = encode_all(den, [a for _, a, _ in items]) if items else None
+            item_goal = den.encode_many([a for _, a, _ in items]) if items else None
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"text_encoder {concept.id}", progress)
         batch = 4
@@ -90,8 +89,3 @@ class TextEncoderUnlearning(UnlearnMethod):
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
-
-
-def encode_all(den: Denoiser, prompts: list[str], chunk: int = 64) -> torch.Tensor:
-    """Encodings of ``prompts`` in chunks (no gradient is needed for goals)."""
-    return torch.cat([den.encode(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)])
