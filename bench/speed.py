@@ -4,7 +4,8 @@
 
 Times each model with its denoiser traced (``serve.traced``, what ``conceptguard serve`` runs on
 a CPU) and eager (the stock pipeline), median of ``--repeats`` calls after ``--rest`` idle
-seconds and right away, checks that both give the same pixels, and prints the figures and JSON.
+seconds and right away, compares their outputs (bit for bit, and as 8-bit pixels: a trace with
+the direct convolution kernel matches to float rounding), and prints the figures and JSON.
 Bars (ConceptWorld issue): one image <= 0.3 s, one clip <= 3 s.
 """
 
@@ -21,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BARS = {"seconds_per_image": 0.3, "seconds_per_clip": 3.0}
+
+
+def to_8bit(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,18 +49,24 @@ def main(argv: list[str] | None = None) -> dict:
         pipe = load()
         pipe.set_progress_bar_config(disable=True)
         eager_out = gen(pipe)
-        trace_pipeline(pipe)
+        tracer = trace_pipeline(pipe)
         traced_out = gen(pipe)
+        kernels = sorted(set(tracer.kernels.values()))
         untrace_pipeline(pipe)
         figures = time_modes(pipe, name, lambda: gen(pipe), args.repeats, args.rest)
         figures["identical_outputs"] = bool(np.array_equal(eager_out, traced_out))
+        figures["max_abs_difference"] = float(np.abs(eager_out - traced_out).max())
+        figures["identical_8bit_pixels"] = bool(np.array_equal(to_8bit(eager_out), to_8bit(traced_out)))
+        figures["conv_kernels"] = kernels
         figures["bar"] = BARS[name]
         figures["met"] = figures[name] <= BARS[name]
         report[name] = figures
         print(
             f"{name}: traced {figures[name]:.3f} s rested, {figures[name + '_sustained']:.3f} s right away; "
             f"eager {figures[name + '_eager']:.3f} / {figures[name + '_eager_sustained']:.3f} s; "
-            f"bar {BARS[name]} ({'met' if figures['met'] else 'NOT met'}); same outputs: {figures['identical_outputs']}",
+            f"bar {BARS[name]} ({'met' if figures['met'] else 'NOT met'}); {'/'.join(kernels)} convolutions; "
+            f"same outputs: {figures['identical_outputs']} (max difference {figures['max_abs_difference']:.2g}, "
+            f"same 8-bit pixels: {figures['identical_8bit_pixels']})",
             flush=True,
         )
     print(json.dumps(report, indent=2))

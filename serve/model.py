@@ -248,7 +248,7 @@ class PatchedModel:
             "last_error": self.last_error,
             "generations": self.stats.generations,
             "generation_seconds": round(self.stats.generation_seconds, 4),
-            "denoiser": {"traced": self.tracer is not None, **({"calls": dict(self.tracer.calls), "traces": self.tracer.traces} if self.tracer else {})},
+            "denoiser": {"traced": self.tracer is not None, **({"calls": dict(self.tracer.calls), "traces": self.tracer.traces, "conv_kernels": sorted(set(self.tracer.kernels.values()))} if self.tracer else {})},
         }
 
     def _embeddings(self, request: dict) -> list:

@@ -21,19 +21,33 @@ Safety, because a patched model must never silently serve its unpatched weights:
 
 Traces are keyed by the shapes, dtypes and device of the inputs (one per batch size), at most
 ``max_traces`` of them, least recently used dropped first.
+
+Convolution kernels (``conv_kernels``): PyTorch runs a CPU convolution through oneDNN, which pays
+off on large feature maps; on the small ones of a tiny UNet (ConceptWorld's latents are 8x8)
+its direct im2col + matrix-multiply kernel (``aten::thnn_conv2d``) is faster. With ``"auto"``
+(the default) a CPU trace whose eager call takes under ``autotune_below_s`` is recorded both
+ways, each recording is checked against the eager call, and the one that replays faster is kept
+(a handful of timed calls); ``"onednn"`` records the stock calls only, ``"direct"`` always the
+direct kernel. The choice applies inside the trace only: eager calls, and other threads, keep
+the stock kernels. The direct kernel sums in another order, so its outputs match the eager ones
+to float rounding (within ``rtol``/``atol``), not bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
+import time
 import warnings
 import weakref
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules import module as _module_hooks
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,32 @@ def _global_hooks_present() -> bool:
     )
 
 
+CONV_KERNELS = ("auto", "onednn", "direct")
+
+
+class _DirectConv2d(TorchFunctionMode):
+    """While a trace records, route plain 2-D CPU convolutions (no groups, no dilation, numeric
+    zero padding, float32) to PyTorch's direct kernel ``aten::thnn_conv2d``; anything else runs as
+    called. A function mode is thread-local, so other threads are untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d or func is torch.conv2d:
+            direct = self._direct(*args, **kwargs)
+            if direct is not None:
+                return direct
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _direct(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        if groups != 1 or isinstance(padding, str) or pair(dilation) != (1, 1):
+            return None
+        if input.device.type != "cpu" or input.dtype != torch.float32 or weight.dtype != torch.float32 or input.dim() != 4:
+            return None
+        return torch._C._nn.thnn_conv2d(input, weight, tuple(weight.shape[2:]), bias, pair(stride), pair(padding))
+
+
 class _Call(nn.Module):
     """The traced function: the denoiser's original forward with the pipeline's arguments."""
 
@@ -87,13 +127,28 @@ class TracedDenoiser:
     """Replaces ``denoiser.forward`` with traced replays of its plain inference calls.
 
     Use :func:`trace_pipeline` / :func:`untrace_pipeline`; ``calls`` counts ``traced`` and
-    ``eager`` calls and ``traces`` the traces made, for metrics and tests.
+    ``eager`` calls, ``traces`` the traces made and ``kernels`` the convolution kernels each
+    input key's trace records (``"onednn"`` or ``"direct"``), for metrics and tests.
     """
 
-    def __init__(self, denoiser: nn.Module, *, max_traces: int = 8, rtol: float = 1e-4, atol: float = 1e-5):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        *,
+        max_traces: int = 8,
+        rtol: float = 1e-4,
+        atol: float = 1e-5,
+        conv_kernels: str = "auto",
+        autotune_below_s: float = 0.25,
+    ):
         if max_traces < 1:
             raise ValueError(f"max_traces must be at least 1, got {max_traces}.")
+        if conv_kernels not in CONV_KERNELS:
+            raise ValueError(f"conv_kernels must be one of {', '.join(CONV_KERNELS)}; got {conv_kernels!r}.")
         self.denoiser = denoiser
+        self.conv_kernels = conv_kernels
+        self.autotune_below_s = autotune_below_s
+        self.kernels: dict[tuple, str] = {}  # input key -> the convolution kernels its trace records
         self.eager = denoiser.forward
         self.max_traces = max_traces
         self.rtol, self.atol = rtol, atol
@@ -121,6 +176,7 @@ class TracedDenoiser:
 
     def _reset(self) -> None:
         self._entries.clear()
+        self.kernels.clear()
         self._snapshot()
         self._stale = False
 
@@ -162,36 +218,76 @@ class TracedDenoiser:
         return not any(self._hook_dicts)
 
     def _trace(self, key, sample, timestep, encoder_hidden_states) -> tuple:
+        inputs = (sample, timestep, encoder_hidden_states)
+        start = time.perf_counter()
         expected = self.eager(sample, timestep, encoder_hidden_states, return_dict=True)
+        eager_s = time.perf_counter() - start
         output_type = type(expected)
-        trace = None
+        kinds = {"onednn": ["onednn"], "direct": ["direct"]}.get(self.conv_kernels)
+        if kinds is None:  # auto
+            kinds = ["onednn", "direct"] if sample.device.type == "cpu" and eager_s < self.autotune_below_s else ["onednn"]
+        candidates = {}
+        for kind in kinds:
+            candidate = self._record(kind, inputs, expected.sample, key)
+            if candidate is not None:
+                candidates[kind] = candidate
+        trace, kind = None, None
+        if len(candidates) > 1:
+            kind = self._fastest(candidates, inputs)
+        elif candidates:
+            kind = next(iter(candidates))
+        if kind is not None:
+            trace = candidates[kind]
+            self.traces += 1
+            self.kernels[key] = kind
+            log.info("Traced %s for inputs %s with %s convolutions.", type(self.denoiser).__name__, key, kind)
+        self._entries[key] = (trace, output_type)
+        while len(self._entries) > self.max_traces:
+            old, _ = self._entries.popitem(last=False)
+            self.kernels.pop(old, None)
+        return self._entries[key]
+
+    def _record(self, kind: str, inputs: tuple, expected: torch.Tensor, key) -> torch.jit.ScriptModule | None:
+        """One trace with the given convolution kernels, or None if it fails or differs from eager."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings about shape checks: shapes are part of the key
-                candidate = torch.jit.trace(_Call(self.denoiser, self.eager), (sample, timestep, encoder_hidden_states), check_trace=False)
-            got = candidate(sample, timestep, encoder_hidden_states)
-            if torch.allclose(got, expected.sample, rtol=self.rtol, atol=self.atol):
-                trace = candidate
-                self.traces += 1
-            else:
-                diff = (got - expected.sample).abs().max().item()
-                log.warning("Traced %s differs from eager by %.3g for inputs %s; these calls run eagerly.", type(self.denoiser).__name__, diff, key)
+                if kind == "direct":
+                    with _DirectConv2d():
+                        candidate = torch.jit.trace(_Call(self.denoiser, self.eager), inputs, check_trace=False)
+                else:
+                    candidate = torch.jit.trace(_Call(self.denoiser, self.eager), inputs, check_trace=False)
+            got = candidate(*inputs)
         except Exception as e:  # any failure to trace means eager calls, never a failed request
-            log.warning("Could not trace %s for inputs %s (%s); these calls run eagerly.", type(self.denoiser).__name__, key, e)
-        self._entries[key] = (trace, output_type)
-        while len(self._entries) > self.max_traces:
-            self._entries.popitem(last=False)
-        return self._entries[key]
+            log.warning("Could not trace %s (%s convolutions) for inputs %s (%s).", type(self.denoiser).__name__, kind, key, e)
+            return None
+        if not torch.allclose(got, expected, rtol=self.rtol, atol=self.atol):
+            diff = (got - expected).abs().max().item()
+            log.warning("Traced %s (%s convolutions) differs from eager by %.3g for inputs %s; not used.", type(self.denoiser).__name__, kind, diff, key)
+            return None
+        return candidate
+
+    @staticmethod
+    def _fastest(candidates: dict, inputs: tuple, warmup: int = 2, repeats: int = 7) -> str:
+        """The candidate with the shortest median of interleaved timed calls."""
+        times: dict[str, list[float]] = {kind: [] for kind in candidates}
+        for round_ in range(warmup + repeats):
+            for kind, trace in candidates.items():
+                start = time.perf_counter()
+                trace(*inputs)
+                if round_ >= warmup:
+                    times[kind].append(time.perf_counter() - start)
+        return min(times, key=lambda kind: statistics.median(times[kind]))
 
 
-def trace_pipeline(pipe, *, max_traces: int = 8) -> TracedDenoiser:
+def trace_pipeline(pipe, *, max_traces: int = 8, conv_kernels: str = "auto") -> TracedDenoiser:
     """Install a :class:`TracedDenoiser` on ``pipe.unet`` (idempotent); returns it."""
     denoiser = pipe.unet
     current = denoiser.__dict__.get("forward")
     if isinstance(current, TracedDenoiser):
         return current
     _install_registration_hooks()
-    tracer = TracedDenoiser(denoiser, max_traces=max_traces)
+    tracer = TracedDenoiser(denoiser, max_traces=max_traces, conv_kernels=conv_kernels)
     denoiser.forward = tracer
     _TRACERS.add(tracer)
     return tracer

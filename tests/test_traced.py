@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from serve.traced import TracedDenoiser, trace_pipeline, untrace_pipeline
@@ -120,3 +121,51 @@ def test_a_deep_copy_of_a_traced_pipeline_runs_eagerly_and_alone(tiny_pipeline):
     np.testing.assert_allclose(images(pipe), base, rtol=0, atol=1e-6)
     assert np.abs(images(twin) - base).max() > 1e-3
     assert tracer.calls["eager"] == 0
+
+
+def _recorded_ops(tracer: TracedDenoiser) -> str:
+    (trace, _), = tracer._entries.values()
+    return str(trace.inlined_graph)
+
+
+def test_direct_convolution_kernels_are_recorded_and_give_the_eager_images(tiny_pipeline):
+    pipe = tiny_pipeline()
+    expected = images(pipe)
+    tracer = trace_pipeline(pipe, conv_kernels="direct")
+    got = images(pipe)
+    ops = _recorded_ops(tracer)
+    assert "aten::thnn_conv2d" in ops and "aten::_convolution" not in ops
+    assert set(tracer.kernels.values()) == {"direct"}
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(1.5)  # in place: the direct kernels read the same tensor
+    changed = images(pipe)
+    assert np.abs(changed - got).max() > 1e-3 and tracer.traces == 1
+    np.testing.assert_allclose(changed, eager_images(pipe), rtol=0, atol=1e-5)
+    # eager calls made while the tracer is installed keep the stock kernels
+    with torch.no_grad():
+        x, t, e = torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 24, 16)
+        hooked = pipe.unet.conv_in.register_forward_hook(lambda m, i, o: None)
+        eager_out = pipe.unet(x, t, encoder_hidden_states=e).sample
+        hooked.remove()
+        untrace_pipeline(pipe)
+        assert torch.equal(eager_out, pipe.unet(x, t, encoder_hidden_states=e).sample)
+
+
+def test_stock_kernels_only_and_automatic_choice(tiny_pipeline):
+    pipe = tiny_pipeline()
+    tracer = trace_pipeline(pipe, conv_kernels="onednn")
+    images(pipe)
+    ops = _recorded_ops(tracer)
+    assert "aten::_convolution" in ops and "aten::thnn_conv2d" not in ops
+    untrace_pipeline(pipe)
+    tracer = trace_pipeline(pipe)  # auto: both recorded and checked, the faster kept
+    images(pipe)
+    (kind,) = tracer.kernels.values()
+    assert kind in ("onednn", "direct") and tracer.traces == 1
+    assert ("aten::thnn_conv2d" in _recorded_ops(tracer)) == (kind == "direct")
+
+
+def test_an_unknown_kernel_choice_is_refused():
+    with pytest.raises(ValueError, match="conv_kernels must be one of auto, onednn, direct"):
+        TracedDenoiser(torch.nn.Linear(2, 2), conv_kernels="cudnn")
