@@ -30,7 +30,9 @@ ways, each recording is checked against the eager call, and the one that replays
 (a handful of timed calls); ``"onednn"`` records the stock calls only, ``"direct"`` always the
 direct kernel. The choice applies inside the trace only: eager calls, and other threads, keep
 the stock kernels. The direct kernel sums in another order, so its outputs match the eager ones
-to float rounding (within ``rtol``/``atol``), not bit for bit.
+to float rounding (within ``rtol``/``atol``), not bit for bit; and since the choice is timed, two
+processes may choose differently, their outputs agreeing to the same rounding. Pass
+``"onednn"`` where bit-identical outputs across processes matter more than speed.
 """
 
 from __future__ import annotations

@@ -70,8 +70,8 @@ def test_cpu_replica_serves_through_the_traced_denoiser_with_the_eager_outputs(r
         eager = replica.generate([request])[0]["arrays"]
     finally:
         replica.tracer = trace_pipeline(replica.pipe)
-    for a, b in zip(traced, eager):
-        assert abs(a - b).max() <= 1e-6
+    for a, b in zip(traced, eager):  # to rounding: the trace may use the direct convolution kernel (serve.traced)
+        assert abs(a - b).max() <= 1e-5
 
 
 def test_replica_with_a_patch_for_another_base_never_becomes_ready(tmp_path, tiny_pipeline):
