@@ -37,6 +37,7 @@ processes may choose differently, their outputs agreeing to the same rounding. P
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import threading
@@ -150,14 +151,13 @@ class TracedDenoiser:
         self.denoiser = denoiser
         self.conv_kernels = conv_kernels
         self.autotune_below_s = autotune_below_s
-        self.kernels: dict[tuple, str] = {}  # input key -> the convolution kernels its trace records
         self.eager = denoiser.forward
         self.max_traces = max_traces
         self.rtol, self.atol = rtol, atol
         self.calls = {"traced": 0, "eager": 0}
         self.traces = 0
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (trace or None, output type)
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (trace or None, output type, kernels)
         self._stale = False
         self._snapshot()
 
@@ -176,9 +176,13 @@ class TracedDenoiser:
         self._module_ids = {id(m) for m in modules}
         self._processors = [(m, m.processor) for m in modules if hasattr(m, "processor") and hasattr(m, "set_processor")]
 
+    @property
+    def kernels(self) -> dict[tuple, str]:
+        """Input key -> the convolution kernels its trace records, for the keys that have one."""
+        return {key: kind for key, (trace, _, kind) in self._entries.items() if trace is not None}
+
     def _reset(self) -> None:
         self._entries.clear()
-        self.kernels.clear()
         self._snapshot()
         self._stale = False
 
@@ -200,7 +204,7 @@ class TracedDenoiser:
                 entry = self._trace(key, sample, timestep, encoder_hidden_states)
             else:
                 self._entries.move_to_end(key)
-        trace, output_type = entry
+        trace, output_type, _ = entry
         if trace is None:
             self.calls["eager"] += 1
             return self.eager(sample, timestep, encoder_hidden_states, return_dict=return_dict)
@@ -225,28 +229,22 @@ class TracedDenoiser:
         expected = self.eager(sample, timestep, encoder_hidden_states, return_dict=True)
         eager_s = time.perf_counter() - start
         output_type = type(expected)
-        kinds = {"onednn": ["onednn"], "direct": ["direct"]}.get(self.conv_kernels)
-        if kinds is None:  # auto
+        if self.conv_kernels != "auto":
+            kinds = [self.conv_kernels]
+        else:  # both on a small CPU call, else the stock kernels only
             kinds = ["onednn", "direct"] if sample.device.type == "cpu" and eager_s < self.autotune_below_s else ["onednn"]
         candidates = {}
         for kind in kinds:
             candidate = self._record(kind, inputs, expected.sample, key)
             if candidate is not None:
                 candidates[kind] = candidate
-        trace, kind = None, None
-        if len(candidates) > 1:
-            kind = self._fastest(candidates, inputs)
-        elif candidates:
-            kind = next(iter(candidates))
+        kind = self._fastest(candidates, inputs) if len(candidates) > 1 else next(iter(candidates), None)
         if kind is not None:
-            trace = candidates[kind]
             self.traces += 1
-            self.kernels[key] = kind
             log.info("Traced %s for inputs %s with %s convolutions.", type(self.denoiser).__name__, key, kind)
-        self._entries[key] = (trace, output_type)
+        self._entries[key] = (candidates.get(kind), output_type, kind)
         while len(self._entries) > self.max_traces:
-            old, _ = self._entries.popitem(last=False)
-            self.kernels.pop(old, None)
+            self._entries.popitem(last=False)
         return self._entries[key]
 
     def _record(self, kind: str, inputs: tuple, expected: torch.Tensor, key) -> torch.jit.ScriptModule | None:
@@ -254,10 +252,7 @@ class TracedDenoiser:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings about shape checks: shapes are part of the key
-                if kind == "direct":
-                    with _DirectConv2d():
-                        candidate = torch.jit.trace(_Call(self.denoiser, self.eager), inputs, check_trace=False)
-                else:
+                with _DirectConv2d() if kind == "direct" else contextlib.nullcontext():
                     candidate = torch.jit.trace(_Call(self.denoiser, self.eager), inputs, check_trace=False)
             got = candidate(*inputs)
         except Exception as e:  # any failure to trace means eager calls, never a failed request

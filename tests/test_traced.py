@@ -128,7 +128,7 @@ def test_a_deep_copy_of_a_traced_pipeline_runs_eagerly_and_alone(tiny_pipeline):
 
 
 def _recorded_ops(tracer: TracedDenoiser) -> str:
-    (trace, _), = tracer._entries.values()
+    ((trace, _, _),) = tracer._entries.values()
     return str(trace.inlined_graph)
 
 
