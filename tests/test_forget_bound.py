@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from forget_bound import SuppressedAttention  # noqa: E402
 
-from tests.conftest import tiny_unet  # noqa: E402
+from conftest import tiny_unet  # noqa: E402
 from unlearn.patch import cross_attention_layers  # noqa: E402
 
 
