@@ -18,6 +18,7 @@ from efficacy import policy_text  # noqa: E402
 
 from policies import load_policy_text  # noqa: E402
 from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines  # noqa: E402
+from serve.traced import trace_pipeline  # noqa: E402
 from unlearn.evaluation import evaluate_policy  # noqa: E402
 
 SAMPLES = 24
@@ -27,9 +28,10 @@ CASES = [
     ("closed_form", "star", False),
     ("text_encoder", "zorblax", True),  # learnt on images, judged on the video model too
 ]
-# x 8 frames, every frame judged. With 3 clips one frame's wrong attribute is already 2.08
-# points, over the 2-point bar for unrelated prompts (measured on the current video model: one
-# such frame on "an orange triangle on dots"; at 8 clips the largest drop was 0.78 points).
+# Clips per prompt on the video model, 8 frames each, every frame judged: one frame is 2.08
+# points of 48, so one wrong frame cannot fail a preserve prompt's 5-point bar alone. The unrelated prompts are measured on the
+# image model here; on the video model they are bench/efficacy.py's (6 prompts x 2 x 6 clips
+# took 3.5 of the suite's 18 minutes).
 VIDEO_CLIPS = 6
 
 
@@ -39,7 +41,10 @@ def test_method_removes_its_concept_and_keeps_neighbours(method, concept, video,
     models = load_policy_pipelines(policy)
     built = build_patches(policy, models, PatchCache(tmp_path), progress=False)
     stacks = apply_patches(models, built)
-    report = evaluate_policy(policy, models, stacks, built, samples=SAMPLES, seed=0, video_clips=VIDEO_CLIPS)
+    for pipe in models.values():  # stock kernels: the traced samples are the eager ones, bit for bit
+        trace_pipeline(pipe, conv_kernels="onednn")
+    report = evaluate_policy(policy, models, stacks, built, samples=SAMPLES, seed=0, video_clips=VIDEO_CLIPS, unrelated_models=["text_to_image"])
+    assert set(report["unrelated"]) == {"text_to_image"}
     assert set(report["concepts"][concept]["models"]) == ({"text_to_image", "text_to_video"} if video else {"text_to_image"})
     for key, res in report["concepts"][concept]["models"].items():
         assert res["base_target_min"] >= 0.90, (key, res["prompts"])

@@ -135,12 +135,14 @@ def evaluate_policy(
     out_dir: Path | None = None,
     judged: bool = True,
     video_clips: int | None = None,
+    unrelated_models: Sequence[str] | None = None,
 ) -> dict:
     """Compare base and patched samples. ``stacks`` hold the applied patches; they are removed
     and re-applied around the base samples, so the models end patched as they started.
 
     ``samples`` images per prompt; a video model generates ``video_clips`` clips per prompt
-    instead (default: ``samples``) and every frame is judged."""
+    instead (default: ``samples``) and every frame is judged. ``unrelated_models``: the models
+    on which the unrelated prompts are measured (default: every model)."""
     from .engine import SCOPE_MODELS
 
     concepts = list(policy.spec.concepts)
@@ -205,7 +207,7 @@ def evaluate_policy(
     if judged:
         from conceptworld.world import parse_prompt
 
-        for key in models:
+        for key in models if unrelated_models is None else [k for k in models if k in unrelated_models]:
             drops = {}
             for j, prompt in enumerate(UNRELATED_PROMPTS):
                 if names_removed(prompt, concepts):
