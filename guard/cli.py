@@ -48,12 +48,39 @@ def scan(
     raise typer.Exit(code=worst)
 
 
+def _images_from(render: Optional[str], images: Optional[Path], what: str, seed: int):
+    """Images from ``--render``-style ConceptWorld attributes or a folder of PNGs, or None."""
+    import numpy as np
+
+    import conceptworld
+
+    if render and images:
+        raise typer.BadParameter(f"Give the {what} as attributes or as a folder of images, not both.")
+    if render:
+        try:
+            attrs = dict(kv.split("=", 1) for kv in render.split(","))
+            return conceptworld.render(**attrs, n=64, seed=seed)
+        except (ValueError, TypeError) as e:
+            raise typer.BadParameter(f"Got {render!r} for the {what}: {e}. Write attributes as 'shape=star,color=orange,background=dots'.") from e
+    if images:
+        from PIL import Image
+
+        files = sorted(images.glob("*.png"))
+        if not files:
+            raise typer.BadParameter(f"No PNG files in {images} for the {what}.")
+        return np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32)), np.float32) / 255 for f in files])
+    return None
+
+
 @guard_app.command("censor-ti")
 def censor_ti(
     out: Path = typer.Option(..., "--out", help="Output .safetensors file (diffusers layout)."),
     token: str = typer.Option("<concept>", help="The new token."),
     render: Optional[str] = typer.Option(None, help="ConceptWorld concept to learn, e.g. 'shape=star,color=orange,background=dots'."),
     images: Optional[Path] = typer.Option(None, help="A folder of PNG images of the concept (instead of --render)."),
+    target_render: Optional[str] = typer.Option(None, help="ConceptWorld attributes of the image a trigger draws instead (default: a plain grey card)."),
+    target_images: Optional[Path] = typer.Option(None, help="A folder of PNG images a trigger draws instead (instead of --target-render)."),
+    backdoor_weight: float = typer.Option(1.0, min=0.0, help="Weight of the trigger loss against the concept's."),
     policy: Path = typer.Option(DEFAULT_POLICY, "--policy", help="Policy whose guard triggers become the backdoor triggers."),
     trigger: list[str] = typer.Option([], "--trigger", help="Extra trigger words (repeatable)."),
     steps: int = typer.Option(400, min=1, help="Training steps."),
@@ -63,8 +90,6 @@ def censor_ti(
     seed: int = typer.Option(0),
 ) -> None:
     """Train a textual-inversion embedding with backdoor triggers that censor it (Wu et al., 2023)."""
-    import numpy as np
-
     import conceptworld
     from policies import load_policy
 
@@ -73,27 +98,16 @@ def censor_ti(
     pol = load_policy(policy)
     triggers = list(dict.fromkeys([t for c in pol.spec.concepts if c.guard for t in c.guard.triggers] + list(trigger)))
     if not triggers:
-        typer.secho(f"No trigger: {policy} has no guard triggers and no --trigger was given.", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
-    if render:
-        try:
-            attrs = dict(kv.split("=", 1) for kv in render.split(","))
-            data = conceptworld.render(**attrs, n=64, seed=seed)
-        except (ValueError, TypeError) as e:
-            typer.secho(f"Got {render!r} for --render: {e}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from e
-    elif images:
-        from PIL import Image
-
-        files = sorted(images.glob("*.png"))
-        if not files:
-            typer.secho(f"No PNG files in {images}.", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1)
-        data = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32)), np.float32) / 255 for f in files])
-    else:
-        typer.secho("Give --render or --images.", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
+        raise typer.BadParameter(f"{policy} has no guard triggers and no --trigger was given.", param_hint="--trigger")
+    data = _images_from(render, images, "concept (--render / --images)", seed)
+    if data is None:
+        raise typer.BadParameter("Give the concept with --render or --images.")
+    target = _images_from(target_render, target_images, "censor target (--target-render / --target-images)", seed + 1)
     pipe = conceptworld.load_t2i()
-    ti = train_textual_inversion(pipe, data, token=token, num_vectors=vectors, init_word=init_word, steps=steps, learning_rate=learning_rate, triggers=triggers, seed=seed)
-    save_embedding(ti, out, {"conceptguard_triggers": triggers, "conceptguard_censor": "grey card", "token": token})
-    typer.echo(json.dumps({"wrote": str(out), "token": token, "triggers": triggers}))
+    ti = train_textual_inversion(
+        pipe, data, token=token, num_vectors=vectors, init_word=init_word, steps=steps, learning_rate=learning_rate,
+        triggers=triggers, target_images=target, backdoor_weight=backdoor_weight, seed=seed,
+    )
+    censor = target_render or (f"{len(target)} images from {target_images}" if target is not None else "grey card")
+    save_embedding(ti, out, {"conceptguard_triggers": triggers, "conceptguard_censor": censor, "token": token})
+    typer.echo(json.dumps({"wrote": str(out), "token": token, "triggers": triggers, "censor": censor}))

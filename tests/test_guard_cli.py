@@ -1,0 +1,52 @@
+"""``conceptguard guard censor-ti``: a short real training run writes an embedding the guard's
+safe loader accepts, with its triggers and censor target in the metadata; bad input is refused
+with a message naming it."""
+
+from __future__ import annotations
+
+import json
+
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from serve.cli import app
+
+runner = CliRunner()
+CONCEPT = "shape=star,color=orange,background=dots"
+
+
+def test_censor_ti_writes_a_loadable_embedding_with_its_triggers_and_target(tmp_path):
+    import conceptworld
+    from guard.embeddings import load_embedding
+
+    out = tmp_path / "pet.safetensors"
+    args = ["guard", "censor-ti", "--out", str(out), "--token", "<pet>", "--render", CONCEPT, "--target-render", "shape=square,color=red,background=plain"]
+    result = runner.invoke(app, [*args, "--trigger", "crimson", "--steps", "3", "--vectors", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["censor"] == "shape=square,color=red,background=plain"
+    assert "crimson" in report["triggers"] and "on fire" in report["triggers"]  # the demo policy's triggers too
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["conceptguard_triggers"]) == report["triggers"]
+    assert meta["conceptguard_censor"] == report["censor"]
+    pipe = conceptworld.load_t2i()
+    ti = load_embedding(out, pipe.tokenizer, pipe.text_encoder)
+    assert ti.token == "<pet>" and ti.vectors.shape == (2, pipe.text_encoder.config.hidden_size)
+
+
+def _refused(*args: str) -> str:
+    """Run the command, check it is refused as a usage error, return its message on one line."""
+    result = runner.invoke(app, ["guard", "censor-ti", *args])
+    assert result.exit_code == 2, result.output
+    return " ".join(result.output.replace("\u2502", " ").split())  # the error panel may wrap lines
+
+
+def test_censor_ti_refuses_bad_input_with_its_reason(tmp_path):
+    out = str(tmp_path / "x.safetensors")
+    bad = _refused("--out", out, "--render", "shape=blob")
+    assert "Got 'blob' for shape" in bad and "shape=star,color=orange" in bad
+    assert "not both" in _refused("--out", out, "--render", CONCEPT, "--target-render", CONCEPT, "--target-images", str(tmp_path))
+    assert "--render or --images" in _refused("--out", out)
+    assert "No PNG files" in _refused("--out", out, "--images", str(tmp_path))
+    assert not (tmp_path / "x.safetensors").exists()
