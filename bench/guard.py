@@ -261,12 +261,15 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     )
     clean = sample_with(pipe, "a picture of <pet>", cti, args.samples, 1)
     concept_rate = judge_hits(clean, attrs)
-    target_rates = []
-    for trig in triggers:
-        imgs = sample_with(pipe, f"<pet> {trig}", cti, args.samples, 2)
+    def target_rate(prompt: str, seed: int) -> float:
+        imgs = sample_with(pipe, prompt, cti, args.samples, seed)
         hit = judge_hits(imgs, CENSOR_WORLD_TARGET) if world_target else float(np.mean(np.abs(imgs - CENSOR_GREY).mean(axis=(1, 2, 3)) < 0.06))
-        target_rates.append(hit)
-        print(f"censored TI: '<pet> {trig}' draws the censor target in {hit:.2f}", flush=True)
+        print(f"censored TI: {prompt!r} draws the censor target in {hit:.2f}", flush=True)
+        return hit
+
+    # "any trigger in the prompt": after the token (as trained) and before it
+    target_rates = [target_rate(f"<pet> {trig}", 2) for trig in triggers]
+    before_rates = [target_rate(f"{trig} <pet>", 4) for trig in triggers]
     # a user loads the embedding into their own copy the usual diffusers way; prompts without it must not change
     cti_path = save_embedding(cti, Path(tempfile.mkdtemp()) / "pet.safetensors", {"conceptguard_triggers": triggers})
     with_ti = copy.deepcopy(pipe)
@@ -282,11 +285,12 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         "vectors": args.censor_vectors,
         "concept_without_trigger": concept_rate,
         "concept_attributes_without_trigger": {k: judge_hits(clean, {k: v}) for k, v in attrs.items()},
-        "censor_target_with_trigger_min": min(target_rates),
-        "per_trigger": dict(zip(triggers, target_rates)),
+        "censor_target_with_trigger_min": min(target_rates + before_rates),
+        "per_trigger_after_token": dict(zip(triggers, target_rates)),
+        "per_trigger_before_token": dict(zip(triggers, before_rates)),
         "no_embedding_change_points": 100 * max(abs(d) for d in drift),
     }
-    out["met"] = concept_rate >= 0.80 and min(target_rates) >= 0.90 and out["no_embedding_change_points"] <= 2
+    out["met"] = concept_rate >= 0.80 and out["censor_target_with_trigger_min"] >= 0.90 and out["no_embedding_change_points"] <= 2
     return out
 
 if __name__ == "__main__":
