@@ -43,6 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from unlearn.methods.forget_me_not import attention_output, attention_probabilities  # noqa: E402
+
 
 def _efficacy():
     spec = importlib.util.spec_from_file_location("bench_efficacy", ROOT / "bench" / "efficacy.py")
@@ -61,11 +63,7 @@ class SuppressedAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, None)
+        probs, value = attention_probabilities(attn, hidden_states, encoder_hidden_states)
         if self.mask is not None and self.mask.any():
             probs = probs.view(batch, attn.heads, *probs.shape[1:]).clone()
             halves = [(slice(batch // 2, batch), self.mask)]
@@ -76,8 +74,7 @@ class SuppressedAttention:
                 part[..., mask] = 0
                 probs[rows] = part / part.sum(-1, keepdim=True)
             probs = probs.flatten(0, 1)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        return attn.to_out[1](attn.to_out[0](out))
+        return attention_output(attn, probs, value)
 
 
 def main(argv: list[str] | None = None) -> dict:

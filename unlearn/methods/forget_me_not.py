@@ -26,6 +26,21 @@ from .base import TextSpace, UnlearnMethod, progress_bar, register_method, targe
 _FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background"}
 
 
+def attention_probabilities(attn, hidden_states, encoder_hidden_states=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A diffusers ``Attention`` layer's probabilities ``(batch*heads, pixels, tokens)`` and values."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    key = attn.head_to_batch_dim(attn.to_k(context))
+    value = attn.head_to_batch_dim(attn.to_v(context))
+    return attn.get_attention_scores(query, key, None), value
+
+
+def attention_output(attn, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The layer's output for given probabilities (of :func:`attention_probabilities`)."""
+    out = attn.batch_to_head_dim(torch.bmm(probs, value))
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 class _AttentionProbe:
     """An attention processor for ``attn2`` layers that records the attention probabilities."""
 
@@ -33,16 +48,9 @@ class _AttentionProbe:
         self.sink = sink
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, None)  # (batch*heads, pixels, tokens)
-        self.sink.append(probs.view(batch, attn.heads, *probs.shape[1:]))
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        probs, value = attention_probabilities(attn, hidden_states, encoder_hidden_states)
+        self.sink.append(probs.view(hidden_states.shape[0], attn.heads, *probs.shape[1:]))
+        return attention_output(attn, probs, value)
 
 
 def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str], *, following: bool = False) -> torch.Tensor:
