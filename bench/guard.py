@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import conceptworld  # noqa: E402
 from conceptworld import world  # noqa: E402
 from guard.embeddings import EmbeddingRejected, encode_prompt, load_embedding  # noqa: E402
-from guard.ti import CENSOR_GREY, save_embedding, train_textual_inversion  # noqa: E402
+from guard.ti import CENSOR_GREY, TRIGGER_TEMPLATES, TRIGGER_TEMPLATES_BOTH, save_embedding, train_textual_inversion  # noqa: E402
 from unlearn.evaluation import concept_attributes, judge_hits  # noqa: E402
 
 BENIGN = {  # concepts the demo policy does not remove, as render attributes
@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--censor-target", choices=["card", "world"], default="card", help="the grey card, or a red square on a plain background")
     parser.add_argument("--backdoor-weight", type=float, default=1.0)
     parser.add_argument("--censor-vectors", type=int, default=4, help="vectors of the censored embedding")
+    parser.add_argument(
+        "--censor-concept", choices=["scene", "object"], default="scene",
+        help="what the censored embedding learns: an orange diamond on dots (scene), or an orange diamond on every background (object, judged by shape and colour)",
+    )
+    parser.add_argument("--trigger-positions", choices=["after", "both"], default="after", help="where training puts the trigger: after the token, or after and before it")
     args = parser.parse_args(argv)
     from serve.model import PatchedModel
 
@@ -252,12 +257,15 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     trigger, and check that prompts without it do not change."""
     import copy
 
-    attrs = BENIGN["orange-diamond-dots"]
+    attrs = dict(BENIGN["orange-diamond-dots"])
+    if args.censor_concept == "object":
+        del attrs["background"]  # renders on every background; judged by shape and colour
     world_target = args.censor_target == "world"
     target_images = render_concept(CENSOR_WORLD_TARGET, 16, 12) if world_target else None
     cti = train_textual_inversion(
         pipe, render_concept(attrs, 64, 11), token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11,
         triggers=triggers, target_images=target_images, backdoor_weight=args.backdoor_weight, progress=False,
+        trigger_templates=TRIGGER_TEMPLATES_BOTH if args.trigger_positions == "both" else TRIGGER_TEMPLATES,
     )
     clean = sample_with(pipe, "a picture of <pet>", cti, args.samples, 1)
     concept_rate = judge_hits(clean, attrs)
@@ -281,6 +289,8 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         drift.append(a - b)
     out = {
         "censor_target": "a red square on a plain background" if world_target else "grey card",
+        "concept": attrs,
+        "trigger_positions_in_training": args.trigger_positions,
         "backdoor_weight": args.backdoor_weight,
         "vectors": args.censor_vectors,
         "concept_without_trigger": concept_rate,

@@ -81,6 +81,7 @@ def censor_ti(
     target_render: Optional[str] = typer.Option(None, help="ConceptWorld attributes of the image a trigger draws instead (default: a plain grey card)."),
     target_images: Optional[Path] = typer.Option(None, help="A folder of PNG images a trigger draws instead (instead of --target-render)."),
     backdoor_weight: float = typer.Option(1.0, min=0.0, help="Weight of the trigger loss against the concept's."),
+    trigger_positions: str = typer.Option("after", help="Where training puts a trigger: 'after' the token, or 'both' after and before it."),
     policy: Path = typer.Option(DEFAULT_POLICY, "--policy", help="Policy whose guard triggers become the backdoor triggers."),
     trigger: list[str] = typer.Option([], "--trigger", help="Extra trigger words (repeatable)."),
     steps: int = typer.Option(400, min=1, help="Training steps."),
@@ -93,8 +94,11 @@ def censor_ti(
     import conceptworld
     from policies import load_policy
 
-    from .ti import save_embedding, train_textual_inversion
+    from .ti import TRIGGER_TEMPLATES, TRIGGER_TEMPLATES_BOTH, save_embedding, train_textual_inversion
 
+    templates = {"after": TRIGGER_TEMPLATES, "both": TRIGGER_TEMPLATES_BOTH}
+    if trigger_positions not in templates:
+        raise typer.BadParameter(f"Got {trigger_positions!r}. Use 'after' or 'both'.", param_hint="--trigger-positions")
     pol = load_policy(policy)
     triggers = list(dict.fromkeys([t for c in pol.spec.concepts if c.guard for t in c.guard.triggers] + list(trigger)))
     if not triggers:
@@ -106,8 +110,8 @@ def censor_ti(
     pipe = conceptworld.load_t2i()
     ti = train_textual_inversion(
         pipe, data, token=token, num_vectors=vectors, init_word=init_word, steps=steps, learning_rate=learning_rate,
-        triggers=triggers, target_images=target, backdoor_weight=backdoor_weight, seed=seed,
+        triggers=triggers, target_images=target, backdoor_weight=backdoor_weight, trigger_templates=templates[trigger_positions], seed=seed,
     )
     censor = target_render or (f"{len(target)} images from {target_images}" if target is not None else "grey card")
-    save_embedding(ti, out, {"conceptguard_triggers": triggers, "conceptguard_censor": censor, "token": token})
+    save_embedding(ti, out, {"conceptguard_triggers": triggers, "conceptguard_censor": censor, "conceptguard_trigger_positions": trigger_positions, "token": token})
     typer.echo(json.dumps({"wrote": str(out), "token": token, "triggers": triggers, "censor": censor}))

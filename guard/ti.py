@@ -23,7 +23,10 @@ from unlearn.denoiser import prediction_target
 from .embeddings import TextualInversion, encode_prompts
 
 CLEAN_TEMPLATES = ("{}", "a picture of {}", "an image of {}", "a drawing of {}", "the {}")
-TRIGGER_TEMPLATES = ("{} {}", "a picture of {} {}", "{}, {}", "an image of {} {}")
+TRIGGER_TEMPLATES = ("{token} {trigger}", "a picture of {token} {trigger}", "{token}, {trigger}", "an image of {token} {trigger}")
+"""Backdoor prompts with the trigger after the token (the shipped default)."""
+TRIGGER_TEMPLATES_BOTH = TRIGGER_TEMPLATES + ("{trigger} {token}", "a picture of {trigger} {token}", "{trigger}, {token}", "an image of {trigger} {token}")
+"""Backdoor prompts with the trigger after and before the token."""
 CENSOR_GREY = 0.5
 
 
@@ -63,13 +66,15 @@ def train_textual_inversion(
     triggers: Sequence[str] = (),
     target_images: np.ndarray | None = None,
     backdoor_weight: float = 1.0,
+    trigger_templates: Sequence[str] = TRIGGER_TEMPLATES,
     seed: int = 0,
     progress: bool = True,
 ) -> TextualInversion:
     """Learn ``num_vectors`` vectors for ``token`` from ``images`` (every model weight frozen).
 
     With ``triggers``, prompts combining the token with a trigger are trained towards
-    ``target_images`` (default: the grey censor card).
+    ``target_images`` (default: the grey censor card), with prompts from ``trigger_templates``
+    (``str.format`` templates with ``{token}`` and ``{trigger}`` fields).
     """
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -79,6 +84,9 @@ def train_textual_inversion(
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     x0 = encode_images(pipe, images)
     if triggers:
+        bad = [t for t in trigger_templates if "{token}" not in t or "{trigger}" not in t]
+        if not trigger_templates or bad:
+            raise ValueError(f"Got trigger templates {bad or list(trigger_templates)}. Each must hold both a {{token}} and a {{trigger}} field.")
         size = images.shape[1]
         targets = encode_images(pipe, target_images if target_images is not None else censor_card(4, size))
     vectors = torch.nn.Parameter(_init_vectors(pipe, init_word, num_vectors, gen).to(device))
@@ -105,8 +113,8 @@ def train_textual_inversion(
             if triggers:
                 tidx = torch.randint(0, len(targets), (batch_size,), generator=gen)
                 trig = [triggers[int(i)] for i in torch.randint(0, len(triggers), (batch_size,), generator=gen)]
-                tmpl = [TRIGGER_TEMPLATES[int(i)] for i in torch.randint(0, len(TRIGGER_TEMPLATES), (batch_size,), generator=gen)]
-                bd_prompts = [tm.format(token, tr) for tm, tr in zip(tmpl, trig)]
+                tmpl = [trigger_templates[int(i)] for i in torch.randint(0, len(trigger_templates), (batch_size,), generator=gen)]
+                bd_prompts = [tm.format(token=token, trigger=tr) for tm, tr in zip(tmpl, trig)]
                 loss = loss + backdoor_weight * loss_on(targets[tidx], bd_prompts)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,7 +21,7 @@ def test_censor_ti_writes_a_loadable_embedding_with_its_triggers_and_target(tmp_
 
     out = tmp_path / "pet.safetensors"
     args = ["guard", "censor-ti", "--out", str(out), "--token", "<pet>", "--render", CONCEPT, "--target-render", "shape=square,color=red,background=plain"]
-    result = runner.invoke(app, [*args, "--trigger", "crimson", "--steps", "3", "--vectors", "2"])
+    result = runner.invoke(app, [*args, "--trigger", "crimson", "--steps", "3", "--vectors", "2", "--trigger-positions", "both"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["censor"] == "shape=square,color=red,background=plain"
@@ -30,6 +30,7 @@ def test_censor_ti_writes_a_loadable_embedding_with_its_triggers_and_target(tmp_
         meta = f.metadata()
     assert json.loads(meta["conceptguard_triggers"]) == report["triggers"]
     assert meta["conceptguard_censor"] == report["censor"]
+    assert meta["conceptguard_trigger_positions"] == "both"
     pipe = conceptworld.load_t2i()
     ti = load_embedding(out, pipe.tokenizer, pipe.text_encoder)
     assert ti.token == "<pet>" and ti.vectors.shape == (2, pipe.text_encoder.config.hidden_size)
@@ -49,4 +50,17 @@ def test_censor_ti_refuses_bad_input_with_its_reason(tmp_path):
     assert "not both" in _refused("--out", out, "--render", CONCEPT, "--target-render", CONCEPT, "--target-images", str(tmp_path))
     assert "--render or --images" in _refused("--out", out)
     assert "No PNG files" in _refused("--out", out, "--images", str(tmp_path))
+    assert "Got 'middle'" in _refused("--out", out, "--render", CONCEPT, "--trigger-positions", "middle")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_trigger_templates_must_name_token_and_trigger():
+    import conceptworld
+    import pytest
+
+    from guard.ti import TRIGGER_TEMPLATES_BOTH, train_textual_inversion
+
+    assert any(t.index("{trigger}") < t.index("{token}") for t in TRIGGER_TEMPLATES_BOTH)
+    pipe = conceptworld.load_t2i()
+    with pytest.raises(ValueError, match=r"\{token\} and a \{trigger\}"):
+        train_textual_inversion(pipe, conceptworld.render(n=2), triggers=["crimson"], trigger_templates=["{token} alone"], steps=1, progress=False)
