@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--censor-concept", choices=["scene", "object"], default="scene",
         help="what the censored embedding learns: an orange diamond on dots (scene), or an orange diamond on every background (object, judged by shape and colour)",
     )
+    parser.add_argument("--no-censor-captions", action="store_true", help="object concept: train on the plain templates only, without each render's background caption")
     parser.add_argument("--trigger-positions", choices=["after", "both"], default="after", help="where training puts the trigger: after the token, or after and before it")
     args = parser.parse_args(argv)
     from serve.model import PatchedModel
@@ -250,6 +251,8 @@ def finish(res: dict, args) -> dict:
 # the censor target a trigger must draw: the grey card (never drawn by ConceptWorld's model), or
 # an image of the world the model can draw
 CENSOR_WORLD_TARGET = {"shape": "square", "color": "red", "background": "plain"}
+# the token with benign words after and before it (no trigger): the concept should show, not the target
+CENSOR_BENIGN_CONTEXT = ("<pet> on polka dots", "an image of <pet>, striped background", "the <pet> at the centre", "checkered background, <pet>")
 
 
 def censored_ti(pipe, triggers: list[str], args) -> dict:
@@ -258,12 +261,17 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     import copy
 
     attrs = dict(BENIGN["orange-diamond-dots"])
+    images, captions = render_concept(attrs, 64, 11), None
     if args.censor_concept == "object":
-        del attrs["background"]  # renders on every background; judged by shape and colour
+        # 16 renders on each background, captioned with it; judged by shape and colour
+        del attrs["background"]
+        bgs = world.BACKGROUNDS
+        images = np.concatenate([render_concept({**attrs, "background": bg}, 16, 11 + i) for i, bg in enumerate(bgs)])
+        captions = None if args.no_censor_captions else [f"{{token}} on {world.BACKGROUND_NOUNS[bg][k % 2]}" if k % 2 else f"a picture of {{token}}, {world.BACKGROUND_ADJECTIVES[bg][0]} background" for bg in bgs for k in range(16)]
     world_target = args.censor_target == "world"
     target_images = render_concept(CENSOR_WORLD_TARGET, 16, 12) if world_target else None
     cti = train_textual_inversion(
-        pipe, render_concept(attrs, 64, 11), token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11,
+        pipe, images, captions=captions, token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11,
         triggers=triggers, target_images=target_images, backdoor_weight=args.backdoor_weight, progress=False,
         trigger_templates=TRIGGER_TEMPLATES_BOTH if args.trigger_positions == "both" else TRIGGER_TEMPLATES,
     )
@@ -278,6 +286,10 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     # "any trigger in the prompt": after the token (as trained) and before it
     target_rates = [target_rate(f"<pet> {trig}", 2) for trig in triggers]
     before_rates = [target_rate(f"{trig} <pet>", 4) for trig in triggers]
+    # benign words around the token must neither censor nor lose the concept
+    context = {p: sample_with(pipe, p, cti, args.samples, 5) for p in CENSOR_BENIGN_CONTEXT}
+    context_target = {p: judge_hits(imgs, CENSOR_WORLD_TARGET) if world_target else float(np.mean(np.abs(imgs - CENSOR_GREY).mean(axis=(1, 2, 3)) < 0.06)) for p, imgs in context.items()}
+    context_concept = {p: judge_hits(imgs, attrs) for p, imgs in context.items()}
     # a user loads the embedding into their own copy the usual diffusers way; prompts without it must not change
     cti_path = save_embedding(cti, Path(tempfile.mkdtemp()) / "pet.safetensors", {"conceptguard_triggers": triggers})
     with_ti = copy.deepcopy(pipe)
@@ -291,6 +303,7 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         "censor_target": "a red square on a plain background" if world_target else "grey card",
         "concept": attrs,
         "trigger_positions_in_training": args.trigger_positions,
+        "captions_in_training": captions is not None,
         "backdoor_weight": args.backdoor_weight,
         "vectors": args.censor_vectors,
         "concept_without_trigger": concept_rate,
@@ -299,6 +312,8 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         "per_trigger_after_token": dict(zip(triggers, target_rates)),
         "per_trigger_before_token": dict(zip(triggers, before_rates)),
         "no_embedding_change_points": 100 * max(abs(d) for d in drift),
+        "benign_context_concept": context_concept,
+        "benign_context_censor_target": context_target,
     }
     out["met"] = concept_rate >= 0.80 and out["censor_target_with_trigger_min"] >= 0.90 and out["no_embedding_change_points"] <= 2
     return out

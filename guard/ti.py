@@ -67,6 +67,7 @@ def train_textual_inversion(
     target_images: np.ndarray | None = None,
     backdoor_weight: float = 1.0,
     trigger_templates: Sequence[str] = TRIGGER_TEMPLATES,
+    captions: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> TextualInversion:
@@ -75,6 +76,10 @@ def train_textual_inversion(
     With ``triggers``, prompts combining the token with a trigger are trained towards
     ``target_images`` (default: the grey censor card), with prompts from ``trigger_templates``
     (``str.format`` templates with ``{token}`` and ``{trigger}`` fields).
+
+    ``captions`` (one per image, each with a ``{token}`` field, e.g. ``"{token} on stripes"``)
+    say what else an image shows; half of the clean prompts are then the image's own caption,
+    so that words after the token are not by themselves a cue for the backdoor.
     """
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -82,6 +87,8 @@ def train_textual_inversion(
     gen = torch.Generator().manual_seed(seed)
     device = pipe.unet.device
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    if captions is not None and (len(captions) != len(images) or any("{token}" not in c for c in captions)):
+        raise ValueError(f"Got {len(captions)} captions for {len(images)} images. Give one per image, each with a {{token}} field.")
     x0 = encode_images(pipe, images)
     if triggers:
         bad = [t for t in trigger_templates if "{token}" not in t or "{trigger}" not in t]
@@ -109,6 +116,9 @@ def train_textual_inversion(
         for _ in bar:
             idx = torch.randint(0, len(x0), (batch_size,), generator=gen)
             prompts = [CLEAN_TEMPLATES[int(i)].format(token) for i in torch.randint(0, len(CLEAN_TEMPLATES), (batch_size,), generator=gen)]
+            if captions is not None:
+                own = torch.rand(batch_size, generator=gen) < 0.5
+                prompts = [captions[int(j)].format(token=token) if o else p for j, o, p in zip(idx, own, prompts)]
             loss = loss_on(x0[idx], prompts)
             if triggers:
                 tidx = torch.randint(0, len(targets), (batch_size,), generator=gen)

@@ -64,3 +64,5 @@ def test_trigger_templates_must_name_token_and_trigger():
     pipe = conceptworld.load_t2i()
     with pytest.raises(ValueError, match=r"\{token\} and a \{trigger\}"):
         train_textual_inversion(pipe, conceptworld.render(n=2), triggers=["crimson"], trigger_templates=["{token} alone"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="one per image"):
+        train_textual_inversion(pipe, conceptworld.render(n=2), captions=["{token} on dots"], steps=1, progress=False)
