@@ -277,18 +277,23 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     )
     clean = sample_with(pipe, "a picture of <pet>", cti, args.samples, 1)
     concept_rate = judge_hits(clean, attrs)
+
+    def censor_hits(imgs: np.ndarray) -> float:
+        if world_target:
+            return judge_hits(imgs, CENSOR_WORLD_TARGET)
+        return float(np.mean(np.abs(imgs - CENSOR_GREY).mean(axis=(1, 2, 3)) < 0.06))
+
     def target_rate(prompt: str, seed: int) -> float:
-        imgs = sample_with(pipe, prompt, cti, args.samples, seed)
-        hit = judge_hits(imgs, CENSOR_WORLD_TARGET) if world_target else float(np.mean(np.abs(imgs - CENSOR_GREY).mean(axis=(1, 2, 3)) < 0.06))
+        hit = censor_hits(sample_with(pipe, prompt, cti, args.samples, seed))
         print(f"censored TI: {prompt!r} draws the censor target in {hit:.2f}", flush=True)
         return hit
 
-    # "any trigger in the prompt": after the token (as trained) and before it
+    # "any trigger in the prompt": after the token and before it
     target_rates = [target_rate(f"<pet> {trig}", 2) for trig in triggers]
     before_rates = [target_rate(f"{trig} <pet>", 4) for trig in triggers]
     # benign words around the token must neither censor nor lose the concept
     context = {p: sample_with(pipe, p, cti, args.samples, 5) for p in CENSOR_BENIGN_CONTEXT}
-    context_target = {p: judge_hits(imgs, CENSOR_WORLD_TARGET) if world_target else float(np.mean(np.abs(imgs - CENSOR_GREY).mean(axis=(1, 2, 3)) < 0.06)) for p, imgs in context.items()}
+    context_target = {p: censor_hits(imgs) for p, imgs in context.items()}
     context_concept = {p: judge_hits(imgs, attrs) for p, imgs in context.items()}
     # a user loads the embedding into their own copy the usual diffusers way; prompts without it must not change
     cti_path = save_embedding(cti, Path(tempfile.mkdtemp()) / "pet.safetensors", {"conceptguard_triggers": triggers})
