@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import conceptworld  # noqa: E402
 from conceptworld import world  # noqa: E402
 from guard.embeddings import EmbeddingRejected, encode_prompt, load_embedding  # noqa: E402
-from guard.ti import CENSOR_GREY, TRIGGER_TEMPLATES, TRIGGER_TEMPLATES_BOTH, save_embedding, train_textual_inversion  # noqa: E402
+from guard.ti import CENSOR_GREY, TRIGGER_POSITIONS, save_embedding, train_textual_inversion  # noqa: E402
 from unlearn.evaluation import concept_attributes, judge_hits  # noqa: E402
 
 BENIGN = {  # concepts the demo policy does not remove, as render attributes
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="what the censored embedding learns: an orange diamond on dots (scene), or an orange diamond on every background (object, judged by shape and colour)",
     )
     parser.add_argument("--no-censor-captions", action="store_true", help="object concept: train on the plain templates only, without each render's background caption")
-    parser.add_argument("--trigger-positions", choices=["after", "both"], default="after", help="where training puts the trigger: after the token, or after and before it")
+    parser.add_argument("--trigger-positions", choices=list(TRIGGER_POSITIONS), default="after", help="where training puts the trigger: after the token, or after and before it")
     args = parser.parse_args(argv)
     from serve.model import PatchedModel
 
@@ -273,7 +273,7 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
     cti = train_textual_inversion(
         pipe, images, captions=captions, token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11,
         triggers=triggers, target_images=target_images, backdoor_weight=args.backdoor_weight, progress=False,
-        trigger_templates=TRIGGER_TEMPLATES_BOTH if args.trigger_positions == "both" else TRIGGER_TEMPLATES,
+        trigger_templates=TRIGGER_POSITIONS[args.trigger_positions],
     )
     clean = sample_with(pipe, "a picture of <pet>", cti, args.samples, 1)
     concept_rate = judge_hits(clean, attrs)

@@ -94,10 +94,9 @@ def censor_ti(
     import conceptworld
     from policies import load_policy
 
-    from .ti import TRIGGER_TEMPLATES, TRIGGER_TEMPLATES_BOTH, save_embedding, train_textual_inversion
+    from .ti import TRIGGER_POSITIONS, save_embedding, train_textual_inversion
 
-    templates = {"after": TRIGGER_TEMPLATES, "both": TRIGGER_TEMPLATES_BOTH}
-    if trigger_positions not in templates:
+    if trigger_positions not in TRIGGER_POSITIONS:
         raise typer.BadParameter(f"Got {trigger_positions!r}. Use 'after' or 'both'.", param_hint="--trigger-positions")
     pol = load_policy(policy)
     triggers = list(dict.fromkeys([t for c in pol.spec.concepts if c.guard for t in c.guard.triggers] + list(trigger)))
@@ -110,7 +109,7 @@ def censor_ti(
     pipe = conceptworld.load_t2i()
     ti = train_textual_inversion(
         pipe, data, token=token, num_vectors=vectors, init_word=init_word, steps=steps, learning_rate=learning_rate,
-        triggers=triggers, target_images=target, backdoor_weight=backdoor_weight, trigger_templates=templates[trigger_positions], seed=seed,
+        triggers=triggers, target_images=target, backdoor_weight=backdoor_weight, trigger_templates=TRIGGER_POSITIONS[trigger_positions], seed=seed,
     )
     censor = target_render or (f"{len(target)} images from {target_images}" if target is not None else "grey card")
     save_embedding(ti, out, {"conceptguard_triggers": triggers, "conceptguard_censor": censor, "conceptguard_trigger_positions": trigger_positions, "token": token})

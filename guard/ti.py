@@ -27,6 +27,8 @@ TRIGGER_TEMPLATES = ("{token} {trigger}", "a picture of {token} {trigger}", "{to
 """Backdoor prompts with the trigger after the token (the shipped default)."""
 TRIGGER_TEMPLATES_BOTH = TRIGGER_TEMPLATES + ("{trigger} {token}", "a picture of {trigger} {token}", "{trigger}, {token}", "an image of {trigger} {token}")
 """Backdoor prompts with the trigger after and before the token."""
+TRIGGER_POSITIONS = {"after": TRIGGER_TEMPLATES, "both": TRIGGER_TEMPLATES_BOTH}
+"""Where training puts a trigger, by name (``censor-ti --trigger-positions``)."""
 CENSOR_GREY = 0.5
 
 
