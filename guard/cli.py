@@ -97,7 +97,7 @@ def censor_ti(
     from .ti import TRIGGER_POSITIONS, save_embedding, train_textual_inversion
 
     if trigger_positions not in TRIGGER_POSITIONS:
-        raise typer.BadParameter(f"Got {trigger_positions!r}. Use 'after' or 'both'.", param_hint="--trigger-positions")
+        raise typer.BadParameter(f"Got {trigger_positions!r}. Use {' or '.join(map(repr, TRIGGER_POSITIONS))}.", param_hint="--trigger-positions")
     pol = load_policy(policy)
     triggers = list(dict.fromkeys([t for c in pol.spec.concepts if c.guard for t in c.guard.triggers] + list(trigger)))
     if not triggers:
