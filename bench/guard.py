@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="what the censored embedding learns: an orange diamond on dots (scene), or an orange diamond on every background (object, judged by shape and colour)",
     )
     parser.add_argument("--no-censor-captions", action="store_true", help="object concept: train on the plain templates only, without each render's background caption")
+    parser.add_argument("--censor-warm-start", type=int, default=0, help="train a plain embedding of the concept for this many steps first and start the censored one from it")
+    parser.add_argument("--world-trigger", default=WORLD_TRIGGER, help="the world word added to the policy's triggers (default: crimson, a synonym of red)")
     parser.add_argument("--trigger-positions", choices=list(TRIGGER_POSITIONS), default="after", help="where training puts the trigger: after the token, or after and before it")
     args = parser.parse_args(argv)
     from serve.model import PatchedModel
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The demo's triggers (on fire, burning, weapon) are words ConceptWorld's encoder never learnt,
     # so they can only be matched by spelling; a world word is added as a trigger so that
     # synonym matching by text-encoder similarity is measured too (its synonyms: the world's).
-    policy_text = args.policy.read_text().replace("triggers: [on fire, burning, weapon]", f"triggers: [on fire, burning, weapon, {WORLD_TRIGGER}]")
+    policy_text = args.policy.read_text().replace("triggers: [on fire, burning, weapon]", f"triggers: [on fire, burning, weapon, {args.world_trigger}]")
     model = PatchedModel("text_to_image", policy_text, source_name=str(args.policy), cache_dir=tempfile.mkdtemp(prefix="cg-guard-"))
     pipe, guard, policy = model.pipe, model.guard, model.active.policy
     if guard is None:
@@ -270,8 +272,13 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         captions = None if args.no_censor_captions else [f"{{token}} on {world.BACKGROUND_NOUNS[bg][k % 2]}" if k % 2 else f"a picture of {{token}}, {world.BACKGROUND_ADJECTIVES[bg][0]} background" for bg in bgs for k in range(16)]
     world_target = args.censor_target == "world"
     target_images = render_concept(CENSOR_WORLD_TARGET, 16, 12) if world_target else None
+    warm = None
+    if args.censor_warm_start:
+        warm = train_textual_inversion(
+            pipe, images, captions=captions, token="<pet>", num_vectors=args.censor_vectors, steps=args.censor_warm_start, seed=10, progress=False
+        ).vectors
     cti = train_textual_inversion(
-        pipe, images, captions=captions, token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11,
+        pipe, images, captions=captions, token="<pet>", num_vectors=args.censor_vectors, steps=args.ti_steps * 2, seed=11, init_vectors=warm,
         triggers=triggers, target_images=target_images, backdoor_weight=args.backdoor_weight, progress=False,
         trigger_templates=TRIGGER_POSITIONS[args.trigger_positions],
     )
@@ -311,6 +318,7 @@ def censored_ti(pipe, triggers: list[str], args) -> dict:
         "captions_in_training": captions is not None,
         "backdoor_weight": args.backdoor_weight,
         "vectors": args.censor_vectors,
+        "warm_start_steps": args.censor_warm_start,
         "concept_without_trigger": concept_rate,
         "concept_attributes_without_trigger": {k: judge_hits(clean, {k: v}) for k, v in attrs.items()},
         "censor_target_with_trigger_min": min(target_rates + before_rates),

@@ -62,6 +62,7 @@ def train_textual_inversion(
     token: str = "<concept>",
     num_vectors: int = 4,
     init_word: str | None = None,
+    init_vectors: torch.Tensor | None = None,
     steps: int = 600,
     learning_rate: float = 5e-3,
     batch_size: int = 8,
@@ -82,6 +83,9 @@ def train_textual_inversion(
     ``captions`` (one per image, each with a ``{token}`` field, e.g. ``"{token} on stripes"``)
     say what else an image shows; half of the clean prompts are then the image's own caption,
     so that words after the token are not by themselves a cue for the backdoor.
+
+    ``init_vectors`` (``(num_vectors, dim)``, e.g. a plain embedding of the same concept) starts
+    training from those vectors instead of ``init_word`` or random vocabulary rows.
     """
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -98,7 +102,14 @@ def train_textual_inversion(
             raise ValueError(f"Got trigger templates {bad or list(trigger_templates)}. Each must hold both a {{token}} and a {{trigger}} field.")
         size = images.shape[1]
         targets = encode_images(pipe, target_images if target_images is not None else censor_card(4, size))
-    vectors = torch.nn.Parameter(_init_vectors(pipe, init_word, num_vectors, gen).to(device))
+    if init_vectors is not None:
+        dim = pipe.text_encoder.get_input_embeddings().embedding_dim
+        if tuple(init_vectors.shape) != (num_vectors, dim):
+            raise ValueError(f"init_vectors has shape {tuple(init_vectors.shape)}; it must be ({num_vectors}, {dim}) (num_vectors, the text encoder's width).")
+        start = init_vectors.detach().float().clone()
+    else:
+        start = _init_vectors(pipe, init_word, num_vectors, gen)
+    vectors = torch.nn.Parameter(start.to(device))
     opt = torch.optim.Adam([vectors], lr=learning_rate)
     frozen = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
     grad_state = [[p.requires_grad for p in m.parameters()] for m in frozen]

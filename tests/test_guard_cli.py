@@ -66,3 +66,22 @@ def test_trigger_templates_must_name_token_and_trigger():
         train_textual_inversion(pipe, conceptworld.render(n=2), triggers=["crimson"], trigger_templates=["{token} alone"], steps=1, progress=False)
     with pytest.raises(ValueError, match="one per image"):
         train_textual_inversion(pipe, conceptworld.render(n=2), captions=["{token} on dots"], steps=1, progress=False)
+
+
+def test_init_vectors_start_training_and_are_checked():
+    import conceptworld
+    import pytest
+    import torch
+
+    from guard.ti import train_textual_inversion
+
+    pipe = conceptworld.load_t2i()
+    images = conceptworld.render(n=2)
+    start = torch.randn(2, pipe.text_encoder.get_input_embeddings().embedding_dim) * 0.3
+    # zero steps: the embedding is exactly the vectors it started from
+    ti = train_textual_inversion(pipe, images, num_vectors=2, init_vectors=start, steps=0, progress=False)
+    assert torch.equal(ti.vectors, start)
+    moved = train_textual_inversion(pipe, images, num_vectors=2, init_vectors=start, steps=2, progress=False)
+    assert not torch.equal(moved.vectors, start)
+    with pytest.raises(ValueError, match=r"init_vectors has shape \(3, 5\).*\(2, 128\)"):
+        train_textual_inversion(pipe, images, num_vectors=2, init_vectors=torch.zeros(3, 5), steps=1, progress=False)
