@@ -95,6 +95,9 @@ def train_textual_inversion(
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     if captions is not None and (len(captions) != len(images) or any("{token}" not in c for c in captions)):
         raise ValueError(f"Got {len(captions)} captions for {len(images)} images. Give one per image, each with a {{token}} field.")
+    dim = pipe.text_encoder.get_input_embeddings().embedding_dim
+    if init_vectors is not None and tuple(init_vectors.shape) != (num_vectors, dim):
+        raise ValueError(f"init_vectors has shape {tuple(init_vectors.shape)}; it must be ({num_vectors}, {dim}) (num_vectors, the text encoder's width).")
     x0 = encode_images(pipe, images)
     if triggers:
         bad = [t for t in trigger_templates if "{token}" not in t or "{trigger}" not in t]
@@ -103,9 +106,6 @@ def train_textual_inversion(
         size = images.shape[1]
         targets = encode_images(pipe, target_images if target_images is not None else censor_card(4, size))
     if init_vectors is not None:
-        dim = pipe.text_encoder.get_input_embeddings().embedding_dim
-        if tuple(init_vectors.shape) != (num_vectors, dim):
-            raise ValueError(f"init_vectors has shape {tuple(init_vectors.shape)}; it must be ({num_vectors}, {dim}) (num_vectors, the text encoder's width).")
         start = init_vectors.detach().float().clone()
     else:
         start = _init_vectors(pipe, init_word, num_vectors, gen)
