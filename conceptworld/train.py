@@ -104,8 +104,27 @@ def to_unit(x: np.ndarray) -> torch.Tensor:
     return t.movedim(-1, -3).contiguous()
 
 
-def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None = None, drop: float = 0.1) -> str:
-    """A caption drawn from the training grammar; sometimes empty (for guidance) or partial."""
+# What a caption that leaves an attribute unsaid shows. "uniform": any value (the bundled models);
+# "default": the attribute's default value, as in a real model an unnamed style is rarely one
+# particular artist's and an unnamed object rarely one particular character.
+CAPTION_PRIORS = ("uniform", "default")
+DEFAULT_SCENE = {"shape": "circle", "background": "plain", "instance": "none"}
+
+
+def is_default_scene(lab: dict) -> bool:
+    return all(lab[k] == v for k, v in DEFAULT_SCENE.items())
+
+
+def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None = None, drop: float = 0.1, prior: str = "uniform") -> str:
+    """A caption drawn from the training grammar; sometimes empty (for guidance) or partial.
+
+    With ``prior="default"`` an attribute is left unsaid only where it has its
+    :data:`DEFAULT_SCENE` value: the background when it is plain, the shape of a circle ("a red
+    shape on dots", or the background alone, "polka dots"). An empty caption then stands for a
+    default scene; :func:`training_batch` pairs it with one.
+    """
+    if prior == "default":
+        return _default_prior_caption(rng, lab, motion=motion, drop=drop)
     if rng.random() < drop:
         return ""
     background = lab["background"] if rng.random() > 0.15 else None
@@ -116,6 +135,44 @@ def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None 
     if lab["instance"] != "none":
         return world.caption(rng, None, None, background, lab["instance"], motion_word)
     return world.caption(rng, lab["shape"], lab["color"], background, motion=motion_word)
+
+
+def _default_prior_caption(rng: np.random.Generator, lab: dict, *, motion: str | None, drop: float) -> str:
+    if rng.random() < drop:
+        return ""
+    background = None if lab["background"] == DEFAULT_SCENE["background"] and rng.random() < 0.5 else lab["background"]
+    if lab["instance"] != "none":
+        return world.caption(rng, None, None, background, lab["instance"], motion)
+    shape = lab["shape"]
+    if shape == DEFAULT_SCENE["shape"]:
+        r = rng.random()
+        if r < 0.1 and motion is None:
+            return world.background_caption(rng, lab["background"])
+        if r < 0.4:
+            shape = None
+    if motion is None and rng.random() < 0.1:
+        motion = str(rng.choice(world.MOTIONS))  # a still of a moving object
+    return world.caption(rng, shape, lab["color"], background, motion=motion)
+
+
+def training_batch(rng: np.random.Generator, labels: list[dict], idx: torch.Tensor, prior: str, default_idx: np.ndarray, *, video: bool = False) -> tuple[list[str], torch.Tensor]:
+    """Captions for the examples ``idx``; under the "default" prior an empty caption's example is
+    swapped for a default scene (``default_idx``), so that saying nothing means the default."""
+    idx = idx.clone()
+    captions = []
+    for j, i in enumerate(idx.tolist()):
+        c = training_caption(rng, labels[i], motion=labels[i]["motion"] if video else None, prior=prior)
+        if not c and prior == "default":
+            idx[j] = int(default_idx[rng.integers(len(default_idx))])
+        captions.append(c)
+    return captions, idx
+
+
+def default_scene_indices(labels: list[dict]) -> np.ndarray:
+    found = np.array([i for i, lab in enumerate(labels) if is_default_scene(lab)], dtype=np.int64)
+    if len(found) == 0:
+        raise ValueError("No default scene (a circle on a plain background) in the training set; render more images.")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +398,7 @@ class EMA:
             p.copy_(s)
 
 
-def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int, device, seed: int):
+def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int, device, seed: int, prior: str = "uniform"):
     text_encoder = build_text_encoder(tokenizer, seed).to(device)
     unet = build_unet(seed).to(device)
     sched = noise_scheduler()
@@ -349,6 +406,7 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], decay=0.999)
+    default_idx = default_scene_indices(labels) if prior == "default" else np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="text-to-image")
@@ -356,7 +414,7 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
         for g in opt.param_groups:
             g["lr"] = 5e-4 * cosine_lr(step, steps, 300)
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
-        captions = [training_caption(rng, labels[i]) for i in idx.tolist()]
+        captions, idx = training_batch(rng, labels, idx, prior, default_idx)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scaling
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
@@ -416,7 +474,7 @@ class DirectionProbe(torch.nn.Module):
 
 
 def train_t2v(
-    clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int, lr_scale: float = 1.0, recipe: VideoRecipe = VideoRecipe()
+    clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int, lr_scale: float = 1.0, recipe: VideoRecipe = VideoRecipe(), prior: str = "uniform"
 ):
     from diffusers import MotionAdapter, UNetMotionModel
 
@@ -457,6 +515,7 @@ def train_t2v(
         weight_decay=1e-2,
     )
     ema = EMA([model], decay=0.998)
+    default_idx = default_scene_indices(labels) if prior == "default" else np.zeros(0, np.int64)
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     bar = tqdm(range(steps), desc="text-to-video")
@@ -465,7 +524,7 @@ def train_t2v(
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * cosine_lr(step, steps, 200)
         idx = torch.randint(0, len(mean), (batch,), generator=gen)
-        captions = [training_caption(rng, labels[i], motion=labels[i]["motion"]) for i in idx.tolist()]
+        captions, idx = training_batch(rng, labels, idx, prior, default_idx, video=True)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         z0 = z0.permute(0, 2, 1, 3, 4).to(device)  # (B, C, F, h, w) as UNetMotionModel expects
         noise = torch.randn(z0.shape, generator=gen).to(device)
@@ -511,6 +570,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.05 for a smoke run)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--only", choices=["t2v"], help="retrain only this stage on top of the models already in --out")
+    parser.add_argument(
+        "--caption-prior",
+        choices=CAPTION_PRIORS,
+        help="what a caption that leaves an attribute unsaid shows: any value (uniform, the bundled models) or its default, a circle on a plain background (default); --only t2v reads the image stage's from training.json",
+    )
     video = parser.add_argument_group("text-to-video stage (defaults: the CPU recipe)")
     video.add_argument("--t2v-steps", type=int, help=f"optimizer steps (default {T2V_STEPS} x --scale)")
     video.add_argument("--t2v-batch", type=int, default=8, help="clips per step (default 8)")
@@ -521,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.only == "t2v":
         return retrain_t2v(args)
+    prior = args.caption_prior or "uniform"
 
     device = training_device(args)
     if device.type == "cpu":
@@ -569,11 +634,11 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     latents = encode_latents(vae, to_unit(train_imgs), device)
-    text_encoder, unet = train_t2i(latents, vae.config.scaling_factor, train_labels, tokenizer, steps["t2i"], 64, device, args.seed)
+    text_encoder, unet = train_t2i(latents, vae.config.scaling_factor, train_labels, tokenizer, steps["t2i"], 64, device, args.seed, prior)
     timings["t2i"] = time.time() - t0
 
     t0 = time.time()
-    motion_unet, adapter = fit_video(args, clips, clip_labels, vae, tokenizer, text_encoder, unet, steps["t2v"], device)
+    motion_unet, adapter = fit_video(args, clips, clip_labels, vae, tokenizer, text_encoder, unet, steps["t2v"], device, prior)
     timings["t2v"] = time.time() - t0
 
     save_pipelines(tmp, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), motion_unet.cpu(), adapter.cpu())
@@ -583,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "seed": args.seed,
                 "scale": s,
+                "caption_prior": prior,
                 "device": str(device),
                 "steps": steps,
                 "images": n_img,
@@ -624,12 +690,12 @@ def video_clips(args) -> int:
     return args.t2v_clips if args.t2v_clips is not None else max(400, int(4000 * min(1.0, args.scale * 4)))
 
 
-def fit_video(args, clips: np.ndarray, clip_labels, vae, tokenizer, text_encoder, unet, steps: int, device):
+def fit_video(args, clips: np.ndarray, clip_labels, vae, tokenizer, text_encoder, unet, steps: int, device, prior: str = "uniform"):
     """Encode the rendered clips with the VAE and train the video stage on them."""
     flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
     m, sd = encode_latents(vae, flat, device)
     clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    return train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale, video_recipe(args))
+    return train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale, video_recipe(args), prior)
 
 
 def video_recipe(args) -> VideoRecipe:
@@ -645,7 +711,10 @@ def retrain_t2v(args) -> None:
     n_vid, steps = video_clips(args), video_steps(args)
     t0 = time.time()
     clips, clip_labels = render_video_set(args.seed + 13, n_vid, 0.15, "render video set")
-    motion_unet, adapter = fit_video(args, clips, clip_labels, t2i.vae, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, device)
+    meta_path = args.out / "training.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    prior = args.caption_prior or meta.get("caption_prior", "uniform")
+    motion_unet, adapter = fit_video(args, clips, clip_labels, t2i.vae, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, device, prior)
     tmp = args.out / "t2v.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     from diffusers import AnimateDiffPipeline
@@ -663,9 +732,8 @@ def retrain_t2v(args) -> None:
     shutil.rmtree(args.out / "t2i" / "text_encoder")
     (tmp / "t2i_text_encoder").rename(args.out / "t2i" / "text_encoder")
     shutil.rmtree(tmp)
-    meta_path = args.out / "training.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta["t2v_retrained"] = {
+        "caption_prior": prior,
         "steps": steps,
         "batch": args.t2v_batch,
         "lr_scale": args.t2v_lr_scale,

@@ -373,6 +373,12 @@ def caption(
 BACKGROUND_ADJECTIVES_FLAT = tuple(w for ws in BACKGROUND_ADJECTIVES.values() for w in ws)
 
 
+def background_caption(rng: np.random.Generator, background: str) -> str:
+    """A caption that names the background alone: ``"polka dots"``, ``"a picture of striped background"``."""
+    text = _pick(rng, (_pick(rng, BACKGROUND_NOUNS[background]), f"{_pick(rng, BACKGROUND_ADJECTIVES[background])} background"))
+    return _pick(rng, PREFIXES) + text
+
+
 def canonical_prompt(
     shape: str | None = None,
     color: str | None = None,

@@ -280,6 +280,10 @@ class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
         default=False,
         description="Also steer attention away from the end-of-text and padding positions after the concept's words, which a causal text encoder fills with the concept's meaning; false: the concept's own tokens, as in the paper.",
     )
+    attention_loss: Literal["norm", "mass"] = Field(
+        default="norm",
+        description="What is minimised: 'norm', the squared norm of the re-steered positions' attention maps (the paper; each position's probabilities squared, so mass spread thinly over many positions weighs little); 'mass', the square of the total probability on them, which weighs padding positions as much as one token.",
+    )
 
 
 class TextEncoderConfig(_MethodConfig):

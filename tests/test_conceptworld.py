@@ -132,3 +132,30 @@ def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CONCEPTWORLD_WEIGHTS", str(tmp_path))
     with pytest.raises(conceptworld.WeightsNotFoundError, match="python -m conceptworld.train"):
         conceptworld.t2i_path()
+
+
+def test_default_caption_prior_leaves_only_default_attributes_unsaid():
+    from conceptworld import train
+
+    rng = np.random.default_rng(0)
+    labels = [dict(world.random_scene(rng, instance_prob=0.15).labels(), motion=str(rng.choice(world.MOTIONS))) for _ in range(600)]
+    default_idx = train.default_scene_indices(labels)
+    captions, idx = train.training_batch(rng, labels, torch.arange(len(labels)), "default", default_idx)
+    unsaid = {"shape": 0, "background": 0}
+    for text, i in zip(captions, idx.tolist()):
+        lab, named = labels[i], world.parse_prompt(text)
+        if not text:  # the empty caption stands for a default scene
+            assert train.is_default_scene(lab)
+            continue
+        for attr in unsaid:
+            if attr not in named:
+                assert lab[attr] == train.DEFAULT_SCENE[attr], (text, lab)
+                unsaid[attr] += 1
+            else:
+                assert named[attr] == lab[attr], (text, lab)
+    assert min(unsaid.values()) > 0 and captions.count("") > 0
+    # the uniform prior (the bundled models) leaves any background unsaid
+    uniform = [(train.training_caption(rng, lab), lab) for lab in labels]
+    assert any("background" not in world.parse_prompt(t) and lab["background"] != "plain" for t, lab in uniform if t)
+    with pytest.raises(ValueError, match="default scene"):
+        train.default_scene_indices([{"shape": "star", "background": "dots", "instance": "none"}])

@@ -70,6 +70,15 @@ def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set
     return mask
 
 
+def attention_loss(probs: torch.Tensor, form: str) -> torch.Tensor:
+    """The re-steering loss of the masked positions' probabilities ``(..., pixels, masked)``:
+    ``"norm"``, the mean over pixels of their squared probabilities summed (the paper's norm of
+    the attention maps), or ``"mass"``, the mean of their summed probability squared."""
+    if form == "mass":
+        return probs.sum(-1).pow(2).mean()
+    return probs.pow(2).sum(-1).mean()
+
+
 def concept_words(concept) -> set[str]:
     words = {w for p in target_prompts(concept) for w in p.lower().replace(",", " ").split()}
     return words - _FUNCTION_WORDS - set(concept.anchor.lower().split())
@@ -105,8 +114,8 @@ class ForgetMeNot(UnlearnMethod):
                 probes.clear()
                 den.predict(x_t, t, den.encode([prompts[j]]))
                 m = masks[j]
-                # attention mass on the concept's tokens, every layer, head and pixel
-                loss = torch.stack([p[..., m].pow(2).sum(-1).mean() for p in probes]).mean()
+                # attention on the concept's tokens, every layer, head and pixel
+                loss = torch.stack([attention_loss(p[..., m], cfg.attention_loss) for p in probes]).mean()
                 if space is not None:
                     loss = loss + cfg.text_space_weight * space.penalty(params)
                 opt.zero_grad(set_to_none=True)
