@@ -272,13 +272,17 @@ class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
     steps: PositiveInt = Field(default=35, description="Number of fine-tuning steps.")
     learning_rate: PositiveFloat = Field(default=2e-6, le=1.0, description="Learning rate of the fine-tuning.")
     reference_images: PositiveInt = Field(default=10, description="Number of reference images of the target concept.")
-    parameters: Literal["cross_attn_kv", "cross_attn", "full"] = Field(
+    parameters: Literal["cross_attn_k", "cross_attn_kv", "cross_attn", "full"] = Field(
         default="full",
-        description="Weights fine-tuned: the cross-attention key/value projections (the text side only), all of the cross-attention, or the full UNet.",
+        description="Weights fine-tuned: the cross-attention key projections (attention can change, what each token says cannot), the key/value projections (the text side only), all of the cross-attention, or the full UNet.",
     )
     following_tokens: bool = Field(
         default=False,
         description="Also steer attention away from the end-of-text and padding positions after the concept's words, which a causal text encoder fills with the concept's meaning; false: the concept's own tokens, as in the paper.",
+    )
+    preserve_weight: NonNegativeFloat = Field(
+        default=0.0,
+        description="Weight of a loss that keeps every cross-attention layer's attention maps for the preserve prompts and `preserve_vocabulary` random prompts as the base model's (total-variation distance); 0 turns it off.",
     )
     attention_loss: Literal["norm", "mass"] = Field(
         default="norm",

@@ -28,13 +28,15 @@ METHODS = {
     "ablation_noise": "{name: ablation, variant: noise, parameters: embedding, steps: 3, learning_rate: 0.001, batch_size: 2, anchor_images: 4}",
     "forget_me_not": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn}",
     "forget_me_not_text_space": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, text_space_weight: 1.0, preserve_vocabulary: 8}",
+    "forget_me_not_keys": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn_k, attention_loss: mass, following_tokens: true, preserve_weight: 1.0, preserve_vocabulary: 8}",
+    "forget_me_not_preserve": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, preserve_weight: 1.0, preserve_vocabulary: 8}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
     "text_encoder_encoding": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6, encoding_weight: 1.0, preserve_vocabulary: 8, typo_variants: true}",
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "forget_me_not_keys": "unet", "forget_me_not_preserve": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -312,3 +314,20 @@ def test_forget_me_not_following_tokens_mask_the_end_of_text_and_padding_after_t
     assert full[0].nonzero().flatten().tolist() == list(range(2, length))  # BOS and "the" stay
     # the words after the concept are not its tokens; the end-of-text and padding after them are masked
     assert full[1].nonzero().flatten().tolist() == list(range(1, 1 + k)) + list(range(1 + n, length))
+
+
+def test_forget_me_not_key_only_patch_changes_only_key_projections(tiny_pipeline):
+    pipe = tiny_pipeline()
+    pol = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS["forget_me_not_keys"]))
+    concept = pol.spec.concepts[0]
+    patch = get_method("forget_me_not")(concept.method).build(pipe, [concept], seed=0, progress=False)
+    assert patch.deltas and all(k.endswith("attn2.to_k.weight") for k in patch.deltas), sorted(patch.deltas)
+
+
+def test_forget_me_not_attention_losses():
+    from unlearn.methods.forget_me_not import attention_loss
+
+    # one pixel, mass 0.8 spread over four positions (0.2 each) against mass 0.8 on one position
+    spread, peaked = torch.full((1, 4), 0.2), torch.tensor([[0.8, 0.0, 0.0, 0.0]])
+    assert attention_loss(spread, "mass") == pytest.approx(0.64) and attention_loss(peaked, "mass") == pytest.approx(0.64)
+    assert attention_loss(spread, "norm") == pytest.approx(0.16) and attention_loss(peaked, "norm") == pytest.approx(0.64)

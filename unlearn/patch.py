@@ -52,13 +52,14 @@ def project_version() -> str:
 # :func:`cross_attention_layers`).
 PARAMETER_GROUPS: dict[str, tuple[str, str]] = {
     "cross_attn_kv": ("unet", r"attn2\.to_[kv]\.weight$"),
+    "cross_attn_k": ("unet", r"attn2\.to_k\.weight$"),
     "cross_attn": ("unet", r"attn2\.(to_[qkv]\.weight|to_out\.0\.(weight|bias))$"),
     "full": ("unet", r".*"),
     "unet_spatial": ("unet", r"^(?!.*motion_modules).*"),
     "embedding": ("text_encoder", r"embeddings\.token_embedding\.weight$"),
     "text_encoder": ("text_encoder", r".*"),
 }
-CROSS_ATTENTION_GROUPS = frozenset({"cross_attn_kv", "cross_attn"})
+CROSS_ATTENTION_GROUPS = frozenset({"cross_attn_kv", "cross_attn_k", "cross_attn"})
 
 
 def cross_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:

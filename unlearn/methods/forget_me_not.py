@@ -8,19 +8,24 @@ default, cross-attention only (or only its key/value projections, the text side)
 ``following_tokens`` also re-steers the end-of-text and padding positions after the concept's
 words, which a causal text encoder fills with the concept's meaning. ``text_space_weight`` adds
 :class:`~unlearn.methods.base.TextSpace`, a penalty on how much the tuned key/value projections
-change their outputs for the rest of the text space.
+change their outputs for the rest of the text space; ``preserve_weight`` holds the attention
+maps themselves: every cross-attention layer's probabilities for the preserve prompts and
+``preserve_vocabulary`` random prompts stay close (total variation) to the base model's on the
+same noisy latents. ``attention_loss="mass"`` minimises the total probability on the re-steered
+positions instead of their maps' norm.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..denoiser import Denoiser
 from ..patch import cross_attention_layers
-from .base import TextSpace, UnlearnMethod, progress_bar, register_method, target_prompts
+from .base import TextSpace, UnlearnMethod, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
 
 # Words that carry no concept: their tokens are never the ones re-steered.
 _FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background"}
@@ -70,6 +75,24 @@ def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set
     return mask
 
 
+_PRESERVE_BATCH = 4
+
+
+@contextmanager
+def _weights(params: Mapping[str, nn.Parameter], values: Mapping[str, torch.Tensor]):
+    """Run with ``params`` set to ``values`` (no grad), then put the tuned values back."""
+    tuned = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tuned[k])
+
+
 def attention_loss(probs: torch.Tensor, form: str) -> torch.Tensor:
     """The re-steering loss of the masked positions' probabilities ``(..., pixels, masked)``:
     ``"norm"``, the mean over pixels of their squared probabilities summed (the paper's norm of
@@ -99,6 +122,9 @@ class ForgetMeNot(UnlearnMethod):
 
             raise PatchError(f"Concept {concept.id!r}: none of its target words is a token of this model's tokenizer, so there is no attention to re-steer.")
         space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
+        held = preserve_prompts(concepts) + random_prompts(den, concepts, cfg.preserve_vocabulary, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))) if cfg.preserve_weight > 0 else []
+        held_ctx = den.encode_many(held) if held else None
+        base = {k: p.detach().clone() for k, p in params.items()} if held else {}
         probes: list[torch.Tensor] = []
         unet = den.unet
         saved = dict(unet.attn_processors)
@@ -111,6 +137,13 @@ class ForgetMeNot(UnlearnMethod):
                 i = int(torch.randint(0, len(refs), (1,), generator=den.generator))
                 j = int(torch.randint(0, len(prompts), (1,), generator=den.generator))
                 x_t, _, t = den.noised(refs[i : i + 1])
+                if held_ctx is not None:  # the base model's maps first: swapping weights after a forward would break its graph
+                    k = torch.randint(0, len(held), (_PRESERVE_BATCH,), generator=den.generator)
+                    xs, ts, ctx = x_t.expand(len(k), *x_t.shape[1:]), t.expand(len(k)), held_ctx[k.to(held_ctx.device)]
+                    with torch.no_grad(), _weights(params, base):
+                        probes.clear()
+                        den.predict(xs, ts, ctx)
+                        goal = list(probes)
                 probes.clear()
                 den.predict(x_t, t, den.encode([prompts[j]]))
                 m = masks[j]
@@ -118,6 +151,12 @@ class ForgetMeNot(UnlearnMethod):
                 loss = torch.stack([attention_loss(p[..., m], cfg.attention_loss) for p in probes]).mean()
                 if space is not None:
                     loss = loss + cfg.text_space_weight * space.penalty(params)
+                if held_ctx is not None:
+                    probes.clear()
+                    den.predict(xs, ts, ctx)
+                    # total-variation distance of every layer's attention from the base model's
+                    drift = torch.stack([(p - g).abs().sum(-1).mean() for p, g in zip(probes, goal)]).mean()
+                    loss = loss + cfg.preserve_weight * drift
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
