@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--caption-prior",
         choices=CAPTION_PRIORS,
-        help="what a caption that leaves an attribute unsaid shows: any value (uniform, the bundled models) or its default, a circle on a plain background (default); --only t2v reads the image stage's from training.json",
+        help="what a caption that leaves an attribute unsaid shows: any value (uniform, the bundled models) or its default, a circle on a plain background (default: experimental, a run from scratch misses the world's quality bars, see README); --only t2v reads the image stage's from training.json",
     )
     video = parser.add_argument_group("text-to-video stage (defaults: the CPU recipe)")
     video.add_argument("--t2v-steps", type=int, help=f"optimizer steps (default {T2V_STEPS} x --scale)")
