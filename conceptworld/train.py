@@ -168,7 +168,10 @@ def training_batch(rng: np.random.Generator, labels: list[dict], idx: torch.Tens
     return captions, idx
 
 
-def default_scene_indices(labels: list[dict]) -> np.ndarray:
+def default_scene_indices(labels: list[dict], prior: str = "default") -> np.ndarray:
+    """Indices of the default scenes in ``labels`` (none needed, so none found, under "uniform")."""
+    if prior != "default":
+        return np.zeros(0, np.int64)
     found = np.array([i for i, lab in enumerate(labels) if is_default_scene(lab)], dtype=np.int64)
     if len(found) == 0:
         raise ValueError("No default scene (a circle on a plain background) in the training set; render more images.")
@@ -406,7 +409,7 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], decay=0.999)
-    default_idx = default_scene_indices(labels) if prior == "default" else np.zeros(0, np.int64)
+    default_idx = default_scene_indices(labels, prior)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="text-to-image")
@@ -515,7 +518,7 @@ def train_t2v(
         weight_decay=1e-2,
     )
     ema = EMA([model], decay=0.998)
-    default_idx = default_scene_indices(labels) if prior == "default" else np.zeros(0, np.int64)
+    default_idx = default_scene_indices(labels, prior)
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     bar = tqdm(range(steps), desc="text-to-video")
