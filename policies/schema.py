@@ -272,9 +272,9 @@ class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
     steps: PositiveInt = Field(default=35, description="Number of fine-tuning steps.")
     learning_rate: PositiveFloat = Field(default=2e-6, le=1.0, description="Learning rate of the fine-tuning.")
     reference_images: PositiveInt = Field(default=10, description="Number of reference images of the target concept.")
-    parameters: Literal["cross_attn_k", "cross_attn_kv", "cross_attn", "full"] = Field(
+    parameters: Literal["cross_attn_k", "cross_attn_kv", "cross_attn", "full", "embedding"] = Field(
         default="full",
-        description="Weights fine-tuned: the cross-attention key projections (attention can change, what each token says cannot), the key/value projections (the text side only), all of the cross-attention, or the full UNet.",
+        description="Weights fine-tuned: the cross-attention key projections (attention can change, what each token says cannot), the key/value projections (the text side only), all of the cross-attention, the full UNet, or 'embedding': the text encoder's input embeddings of the concept's own words only (no other prompt changes).",
     )
     following_tokens: bool = Field(
         default=False,

@@ -102,6 +102,19 @@ def attention_loss(probs: torch.Tensor, form: str) -> torch.Tensor:
     return probs.pow(2).sum(-1).mean()
 
 
+def _restrict_to_rows(params: Mapping[str, nn.Parameter], den: Denoiser, words: set[str]) -> list:
+    """Gradient hooks that keep a token-embedding matrix's update to the rows of ``words``' tokens
+    (the ``embedding`` group: every other word, end-of-text and padding included, stays as it was)."""
+    hooks = []
+    ids = sorted({i for w in words for i in den.tokenizer(w, add_special_tokens=False).input_ids})
+    for key, p in params.items():
+        if key.endswith("token_embedding.weight"):
+            keep = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
+            keep[ids] = 1
+            hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+    return hooks
+
+
 def concept_words(concept) -> set[str]:
     words = {w for p in target_prompts(concept) for w in p.lower().replace(",", " ").split()}
     return words - _FUNCTION_WORDS - set(concept.anchor.lower().split())
@@ -123,8 +136,10 @@ class ForgetMeNot(UnlearnMethod):
             raise PatchError(f"Concept {concept.id!r}: none of its target words is a token of this model's tokenizer, so there is no attention to re-steer.")
         space = TextSpace.build(den, concepts, params, cfg.preserve_vocabulary) if cfg.text_space_weight > 0 else None
         held = preserve_prompts(concepts) + random_prompts(den, concepts, cfg.preserve_vocabulary, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=den.generator))) if cfg.preserve_weight > 0 else []
-        held_ctx = den.encode_many(held) if held else None
+        with torch.no_grad():
+            held_ctx = den.encode_many(held) if held else None
         base = {k: p.detach().clone() for k, p in params.items()} if held else {}
+        hooks = _restrict_to_rows(params, den, concept_words(concept))
         probes: list[torch.Tensor] = []
         unet = den.unet
         saved = dict(unet.attn_processors)
@@ -163,5 +178,7 @@ class ForgetMeNot(UnlearnMethod):
                 bar.update(1)
                 bar.set_postfix(attn=f"{loss.item():.4f}")
         finally:
+            for h in hooks:
+                h.remove()
             unet.set_attn_processor(saved)
             bar.close()
