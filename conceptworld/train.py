@@ -115,6 +115,45 @@ def is_default_scene(lab: dict) -> bool:
     return all(lab[k] == v for k, v in DEFAULT_SCENE.items())
 
 
+# How often each scene is drawn for training. "uniform": every attribute value equally often (the
+# bundled models); "skewed": most scenes show a circle on a plain background, and every other shape
+# and background is rare (as in a real model's data an artist's style or one character is), so that
+# a model that forgets a name falls back on scenes that rarely show it. The renders stay uniform;
+# the skew is in which of them the training batches draw. Instances keep their share.
+SCENE_PRIORS = ("uniform", "skewed")
+SKEWED_SCENES = {
+    "background": {"plain": 0.85, "stripes": 0.05, "dots": 0.05, "checker": 0.05},
+    "shape": {"circle": 0.75, "square": 0.05, "triangle": 0.05, "star": 0.05, "cross": 0.05, "diamond": 0.05},
+}
+
+
+def scene_weights(labels: list[dict], prior: str = "skewed") -> torch.Tensor | None:
+    """Per-example sampling weights that turn the rendered scene mix into the ``prior``'s
+    (``None`` under "uniform": draw uniformly). Each attribute is re-weighted by its target share
+    over its share among ``labels``; an instance's shape is its design's, so only its background is."""
+    if prior == "uniform":
+        return None
+    if prior not in SCENE_PRIORS:
+        raise ValueError(f"Got {prior!r} for the scene prior; choose one of {SCENE_PRIORS}.")
+    weights = torch.ones(len(labels), dtype=torch.float64)
+    for attr, target in SKEWED_SCENES.items():
+        pool = [i for i, lab in enumerate(labels) if attr == "background" or lab["instance"] == "none"]
+        counts = {v: 0 for v in target}
+        for i in pool:
+            counts[labels[i][attr]] += 1
+        for i in pool:
+            v = labels[i][attr]
+            weights[i] *= target[v] * len(pool) / counts[v]
+    return weights
+
+
+def training_indices(gen: torch.Generator, n: int, batch: int, weights: torch.Tensor | None) -> torch.Tensor:
+    """A batch of example indices: uniform, or drawn by ``weights`` (:func:`scene_weights`)."""
+    if weights is None:
+        return torch.randint(0, n, (batch,), generator=gen)
+    return torch.multinomial(weights, batch, replacement=True, generator=gen)
+
+
 def training_caption(rng: np.random.Generator, lab: dict, *, motion: str | None = None, drop: float = 0.1, prior: str = "uniform") -> str:
     """A caption drawn from the training grammar; sometimes empty (for guidance) or partial.
 
@@ -401,7 +440,7 @@ class EMA:
             p.copy_(s)
 
 
-def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int, device, seed: int, prior: str = "uniform"):
+def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int, device, seed: int, prior: str = "uniform", scene_prior: str = "uniform"):
     text_encoder = build_text_encoder(tokenizer, seed).to(device)
     unet = build_unet(seed).to(device)
     sched = noise_scheduler()
@@ -410,13 +449,14 @@ def train_t2i(latents, scaling: float, labels, tokenizer, steps: int, batch: int
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
     ema = EMA([unet, text_encoder], decay=0.999)
     default_idx = default_scene_indices(labels, prior)
+    weights = scene_weights(labels, scene_prior)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="text-to-image")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = 5e-4 * cosine_lr(step, steps, 300)
-        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        idx = training_indices(gen, len(mean), batch, weights)
         captions, idx = training_batch(rng, labels, idx, prior, default_idx)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)).to(device) * scaling
         noise = torch.randn(z0.shape, generator=gen).to(device)

@@ -30,13 +30,14 @@ METHODS = {
     "forget_me_not_text_space": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, text_space_weight: 1.0, preserve_vocabulary: 8}",
     "forget_me_not_keys": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn_k, attention_loss: mass, following_tokens: true, preserve_weight: 1.0, preserve_vocabulary: 8}",
     "forget_me_not_preserve": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, preserve_weight: 1.0, preserve_vocabulary: 8}",
+    "forget_me_not_embedding": "{name: forget_me_not, steps: 3, learning_rate: 0.01, reference_images: 2, parameters: embedding, attention_loss: mass, following_tokens: true}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
     "text_encoder_encoding": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6, encoding_weight: 1.0, preserve_vocabulary: 8, typo_variants: true}",
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "forget_me_not_keys": "unet", "forget_me_not_preserve": "unet", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "forget_me_not_keys": "unet", "forget_me_not_preserve": "unet", "forget_me_not_embedding": "text_encoder", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -322,6 +323,18 @@ def test_forget_me_not_key_only_patch_changes_only_key_projections(tiny_pipeline
     concept = pol.spec.concepts[0]
     patch = get_method("forget_me_not")(concept.method).build(pipe, [concept], seed=0, progress=False)
     assert patch.deltas and all(k.endswith("attn2.to_k.weight") for k in patch.deltas), sorted(patch.deltas)
+
+
+def test_forget_me_not_embedding_patch_changes_only_the_concept_words_rows(tiny_pipeline):
+    pipe = tiny_pipeline()
+    pol = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", METHODS["forget_me_not_embedding"]))
+    concept = pol.spec.concepts[0]
+    patch = get_method("forget_me_not")(concept.method).build(pipe, [concept], seed=0, progress=False)
+    (key,) = patch.deltas
+    assert key.endswith("token_embedding.weight"), key
+    changed = patch.deltas[key].abs().sum(1).nonzero().flatten().tolist()
+    # the concept's word alone: not the start, end-of-text or padding tokens every prompt shares
+    assert changed == pipe.tokenizer("zorblax", add_special_tokens=False).input_ids, changed
 
 
 def test_forget_me_not_attention_losses():
