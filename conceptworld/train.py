@@ -517,7 +517,7 @@ class DirectionProbe(torch.nn.Module):
 
 
 def train_t2v(
-    clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int, lr_scale: float = 1.0, recipe: VideoRecipe = VideoRecipe(), prior: str = "uniform"
+    clip_latents, scaling: float, labels, tokenizer, text_encoder, unet, steps: int, batch: int, device, seed: int, lr_scale: float = 1.0, recipe: VideoRecipe = VideoRecipe(), prior: str = "uniform", scene_prior: str = "uniform"
 ):
     from diffusers import MotionAdapter, UNetMotionModel
 
@@ -559,6 +559,7 @@ def train_t2v(
     )
     ema = EMA([model], decay=0.998)
     default_idx = default_scene_indices(labels, prior)
+    weights = scene_weights(labels, scene_prior)
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 1)
     bar = tqdm(range(steps), desc="text-to-video")
@@ -566,7 +567,7 @@ def train_t2v(
     for step in bar:
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * cosine_lr(step, steps, 200)
-        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        idx = training_indices(gen, len(mean), batch, weights)
         captions, idx = training_batch(rng, labels, idx, prior, default_idx, video=True)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         z0 = z0.permute(0, 2, 1, 3, 4).to(device)  # (B, C, F, h, w) as UNetMotionModel expects
@@ -618,6 +619,11 @@ def main(argv: list[str] | None = None) -> None:
         choices=CAPTION_PRIORS,
         help="what a caption that leaves an attribute unsaid shows: any value (uniform, the bundled models) or its default, a circle on a plain background (default: experimental, a run from scratch misses the world's quality bars, see README); --only t2v reads the image stage's from training.json",
     )
+    parser.add_argument(
+        "--scene-prior",
+        choices=SCENE_PRIORS,
+        help="how often training draws each scene: every shape and background equally often (uniform, the bundled models) or mostly circles on plain backgrounds with every other shape and background rare (skewed: experimental, see README); --only t2v reads the image stage's from training.json",
+    )
     video = parser.add_argument_group("text-to-video stage (defaults: the CPU recipe)")
     video.add_argument("--t2v-steps", type=int, help=f"optimizer steps (default {T2V_STEPS} x --scale)")
     video.add_argument("--t2v-batch", type=int, default=8, help="clips per step (default 8)")
@@ -629,6 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only == "t2v":
         return retrain_t2v(args)
     prior = args.caption_prior or "uniform"
+    scene_prior = args.scene_prior or "uniform"
 
     device = training_device(args)
     if device.type == "cpu":
@@ -677,11 +684,11 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     latents = encode_latents(vae, to_unit(train_imgs), device)
-    text_encoder, unet = train_t2i(latents, vae.config.scaling_factor, train_labels, tokenizer, steps["t2i"], 64, device, args.seed, prior)
+    text_encoder, unet = train_t2i(latents, vae.config.scaling_factor, train_labels, tokenizer, steps["t2i"], 64, device, args.seed, prior, scene_prior)
     timings["t2i"] = time.time() - t0
 
     t0 = time.time()
-    motion_unet, adapter = fit_video(args, clips, clip_labels, vae, tokenizer, text_encoder, unet, steps["t2v"], device, prior)
+    motion_unet, adapter = fit_video(args, clips, clip_labels, vae, tokenizer, text_encoder, unet, steps["t2v"], device, prior, scene_prior)
     timings["t2v"] = time.time() - t0
 
     save_pipelines(tmp, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu(), motion_unet.cpu(), adapter.cpu())
@@ -692,6 +699,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "scale": s,
                 "caption_prior": prior,
+                "scene_prior": scene_prior,
                 "device": str(device),
                 "steps": steps,
                 "images": n_img,
@@ -733,12 +741,12 @@ def video_clips(args) -> int:
     return args.t2v_clips if args.t2v_clips is not None else max(400, int(4000 * min(1.0, args.scale * 4)))
 
 
-def fit_video(args, clips: np.ndarray, clip_labels, vae, tokenizer, text_encoder, unet, steps: int, device, prior: str = "uniform"):
+def fit_video(args, clips: np.ndarray, clip_labels, vae, tokenizer, text_encoder, unet, steps: int, device, prior: str = "uniform", scene_prior: str = "uniform"):
     """Encode the rendered clips with the VAE and train the video stage on them."""
     flat = to_unit(clips.reshape(-1, *clips.shape[2:]))
     m, sd = encode_latents(vae, flat, device)
     clip_latents = (m.view(len(clips), world.NUM_FRAMES, *m.shape[1:]), sd.view(len(clips), world.NUM_FRAMES, *sd.shape[1:]))
-    return train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale, video_recipe(args), prior)
+    return train_t2v(clip_latents, vae.config.scaling_factor, clip_labels, tokenizer, text_encoder, unet, steps, args.t2v_batch, device, args.seed, args.t2v_lr_scale, video_recipe(args), prior, scene_prior)
 
 
 def video_recipe(args) -> VideoRecipe:
@@ -757,7 +765,8 @@ def retrain_t2v(args) -> None:
     meta_path = args.out / "training.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     prior = args.caption_prior or meta.get("caption_prior", "uniform")
-    motion_unet, adapter = fit_video(args, clips, clip_labels, t2i.vae, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, device, prior)
+    scene_prior = args.scene_prior or meta.get("scene_prior", "uniform")
+    motion_unet, adapter = fit_video(args, clips, clip_labels, t2i.vae, t2i.tokenizer, t2i.text_encoder, t2i.unet, steps, device, prior, scene_prior)
     tmp = args.out / "t2v.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     from diffusers import AnimateDiffPipeline
@@ -777,6 +786,7 @@ def retrain_t2v(args) -> None:
     shutil.rmtree(tmp)
     meta["t2v_retrained"] = {
         "caption_prior": prior,
+        "scene_prior": scene_prior,
         "steps": steps,
         "batch": args.t2v_batch,
         "lr_scale": args.t2v_lr_scale,

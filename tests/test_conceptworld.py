@@ -159,3 +159,27 @@ def test_default_caption_prior_leaves_only_default_attributes_unsaid():
     assert any("background" not in world.parse_prompt(t) and lab["background"] != "plain" for t, lab in uniform if t)
     with pytest.raises(ValueError, match="default scene"):
         train.default_scene_indices([{"shape": "star", "background": "dots", "instance": "none"}])
+
+
+def test_skewed_scene_prior_draws_the_target_shares_from_uniform_renders():
+    from collections import Counter
+
+    from conceptworld import train
+
+    rng = np.random.default_rng(1)
+    labels = [world.random_scene(rng, instance_prob=0.15).labels() for _ in range(3000)]
+    assert train.scene_weights(labels, "uniform") is None
+    gen = torch.Generator().manual_seed(0)
+    idx = train.training_indices(gen, len(labels), 40000, train.scene_weights(labels, "skewed")).tolist()
+    backgrounds = Counter(labels[i]["background"] for i in idx)
+    shapes = Counter(labels[i]["shape"] for i in idx if labels[i]["instance"] == "none")
+    for counts, attr in ((backgrounds, "background"), (shapes, "shape")):
+        total = sum(counts.values())
+        for value, share in train.SKEWED_SCENES[attr].items():
+            assert abs(counts[value] / total - share) < 0.02, (attr, value, counts[value] / total)
+    # instances keep their rendered share
+    rendered = sum(lab["instance"] != "none" for lab in labels) / len(labels)
+    drawn = sum(labels[i]["instance"] != "none" for i in idx) / len(idx)
+    assert abs(drawn - rendered) < 0.02
+    with pytest.raises(ValueError, match="scene prior"):
+        train.scene_weights(labels, "rare")
