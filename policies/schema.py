@@ -284,6 +284,10 @@ class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
         default=0.0,
         description="Weight of a loss that keeps every cross-attention layer's attention maps for the preserve prompts and `preserve_vocabulary` random prompts as the base model's (total-variation distance); 0 turns it off.",
     )
+    typo_variants: bool = Field(
+        default=False,
+        description="Also re-steer attention away from misspellings of the target's canonical text (one letter dropped, or two neighbouring letters swapped, in a word of 4+ letters): their word pieces are masked (and, with parameters 'embedding', tuned); a piece that is a whole vocabulary word is not.",
+    )
     attention_loss: Literal["norm", "mass"] = Field(
         default="norm",
         description="What is minimised: 'norm', the squared norm of the re-steered positions' attention maps (the paper; each position's probabilities squared, so mass spread thinly over many positions weighs little); 'mass', the square of the total probability on them, which weighs padding positions as much as one token.",

@@ -11,7 +11,9 @@ words, which a causal text encoder fills with the concept's meaning. ``text_spac
 change their outputs for the rest of the text space; ``preserve_weight`` holds the attention
 maps themselves: every cross-attention layer's probabilities for the preserve prompts and
 ``preserve_vocabulary`` random prompts stay close (total variation) to the base model's on the
-same noisy latents. ``attention_loss="mass"`` minimises the total probability on the re-steered
+same noisy latents. ``typo_variants`` also re-steers the canonical text's misspellings (their
+word pieces, never a whole vocabulary word's token). ``parameters="embedding"`` tunes only the input embeddings of the concept's own
+words, so no prompt without them changes. ``attention_loss="mass"`` minimises the total probability on the re-steered
 positions instead of their maps' norm.
 """
 
@@ -23,12 +25,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, vocabulary_words
 from ..patch import cross_attention_layers
-from .base import TextSpace, UnlearnMethod, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts
+from .base import TextSpace, UnlearnMethod, preserve_prompts, progress_bar, random_prompts, register_method, target_prompts, target_typo_variants
 
 # Words that carry no concept: their tokens are never the ones re-steered.
-_FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background"}
+_FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "with", "and", "picture", "image", "photo", "drawing", "background", "shape", "object", "thing", "style"}
 
 
 def attention_probabilities(attn, hidden_states, encoder_hidden_states=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +60,22 @@ class _AttentionProbe:
         return attention_output(attn, probs, value)
 
 
-def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str], *, following: bool = False) -> torch.Tensor:
-    """``(len(prompts), seq)`` booleans: the positions holding tokens of the concept's words, and
-    with ``following`` every position after the first of them that is end-of-text or padding."""
+def concept_token_ids(tok, words: set[str], misspellings: Sequence[str] = ()) -> set[int]:
+    """The token ids of the concept's ``words`` and the word pieces of its ``misspellings``; a
+    piece that is a whole vocabulary word (the "a" of "a sta") stays out: other prompts use it."""
+    ids = {i for w in words for i in tok(w, add_special_tokens=False).input_ids}
+    if misspellings:
+        whole = {tok.convert_tokens_to_ids(f"{w}</w>") for w in vocabulary_words(tok, min_chars=1)}
+        ids |= {i for m in misspellings for w in m.split() for i in tok(w, add_special_tokens=False).input_ids} - whole
+    return ids
+
+
+def concept_token_mask(den: Denoiser, prompts: Sequence[str], concept_words: set[str], *, following: bool = False, token_ids: set[int] | None = None) -> torch.Tensor:
+    """``(len(prompts), seq)`` booleans: the positions holding tokens of the concept's words (or
+    the given ``token_ids``), and with ``following`` every position after the first of them that
+    is end-of-text or padding."""
     tok = den.tokenizer
-    concept_ids = set()
-    for word in concept_words:
-        concept_ids.update(tok(word, add_special_tokens=False).input_ids)
+    concept_ids = token_ids if token_ids is not None else concept_token_ids(tok, concept_words)
     ids = den.token_ids(prompts).cpu()
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     for cid in concept_ids:
@@ -102,11 +113,11 @@ def attention_loss(probs: torch.Tensor, form: str) -> torch.Tensor:
     return probs.pow(2).sum(-1).mean()
 
 
-def _restrict_to_rows(params: Mapping[str, nn.Parameter], den: Denoiser, words: set[str]) -> list:
-    """Gradient hooks that keep a token-embedding matrix's update to the rows of ``words``' tokens
+def _restrict_to_rows(params: Mapping[str, nn.Parameter], token_ids: set[int]) -> list:
+    """Gradient hooks that keep a token-embedding matrix's update to the rows of ``token_ids``
     (the ``embedding`` group: every other word, end-of-text and padding included, stays as it was)."""
     hooks = []
-    ids = sorted({i for w in words for i in den.tokenizer(w, add_special_tokens=False).input_ids})
+    ids = sorted(token_ids)
     for key, p in params.items():
         if key.endswith("token_embedding.weight"):
             keep = torch.zeros(p.shape[0], 1, dtype=p.dtype, device=p.device)
@@ -128,8 +139,11 @@ class ForgetMeNot(UnlearnMethod):
         (concept,) = concepts
         cfg = self.config
         prompts = target_prompts(concept)
+        typos = target_typo_variants(den, concept) if cfg.typo_variants else []
+        prompts += typos
+        ids = concept_token_ids(den.tokenizer, concept_words(concept), typos)
         refs = den.sample_latents(concept.target.text, cfg.reference_images)
-        masks = concept_token_mask(den, prompts, concept_words(concept), following=cfg.following_tokens).to(den.device)
+        masks = concept_token_mask(den, prompts, set(), following=cfg.following_tokens, token_ids=ids).to(den.device)
         if not masks.any():
             from ..patch import PatchError
 
@@ -139,7 +153,7 @@ class ForgetMeNot(UnlearnMethod):
         with torch.no_grad():
             held_ctx = den.encode_many(held) if held else None
         base = {k: p.detach().clone() for k, p in params.items()} if held else {}
-        hooks = _restrict_to_rows(params, den, concept_words(concept))
+        hooks = _restrict_to_rows(params, ids)
         probes: list[torch.Tensor] = []
         unet = den.unet
         saved = dict(unet.attn_processors)
