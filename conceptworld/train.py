@@ -118,25 +118,32 @@ def is_default_scene(lab: dict) -> bool:
 # How often each scene is drawn for training. "uniform": every attribute value equally often (the
 # bundled models); "skewed": most scenes show a circle on a plain background, and every other shape
 # and background is rare (as in a real model's data an artist's style or one character is), so that
-# a model that forgets a name falls back on scenes that rarely show it. The renders stay uniform;
-# the skew is in which of them the training batches draw. Instances keep their share.
-SCENE_PRIORS = ("uniform", "skewed")
+# a model that forgets a name falls back on scenes that rarely show it; "skewed-backgrounds": only
+# the backgrounds are skewed (most plain, each texture rare) and every shape keeps its share, so
+# that no shape-on-texture scene is as thin as under "skewed". The renders stay uniform; the skew
+# is in which of them the training batches draw. Instances keep their share.
+SCENE_PRIORS = ("uniform", "skewed", "skewed-backgrounds")
 SKEWED_SCENES = {
     "background": {"plain": 0.85, "stripes": 0.05, "dots": 0.05, "checker": 0.05},
     "shape": {"circle": 0.75, "square": 0.05, "triangle": 0.05, "star": 0.05, "cross": 0.05, "diamond": 0.05},
+}
+SCENE_SHARES = {
+    "skewed": SKEWED_SCENES,
+    "skewed-backgrounds": {"background": {"plain": 0.76, "stripes": 0.08, "dots": 0.08, "checker": 0.08}},
 }
 
 
 def scene_weights(labels: list[dict], prior: str = "skewed") -> torch.Tensor | None:
     """Per-example sampling weights that turn the rendered scene mix into the ``prior``'s
-    (``None`` under "uniform": draw uniformly). Each attribute is re-weighted by its target share
-    over its share among ``labels``; an instance's shape is its design's, so only its background is."""
+    (``None`` under "uniform": draw uniformly). Each attribute the prior skews is re-weighted by
+    its target share over its share among ``labels``; an instance's shape is its design's, so only
+    its background is."""
     if prior == "uniform":
         return None
     if prior not in SCENE_PRIORS:
         raise ValueError(f"Got {prior!r} for the scene prior; choose one of {SCENE_PRIORS}.")
     weights = torch.ones(len(labels), dtype=torch.float64)
-    for attr, target in SKEWED_SCENES.items():
+    for attr, target in SCENE_SHARES[prior].items():
         pool = [i for i, lab in enumerate(labels) if attr == "background" or lab["instance"] == "none"]
         counts = {v: 0 for v in target}
         for i in pool:
@@ -622,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scene-prior",
         choices=SCENE_PRIORS,
-        help="how often training draws each scene: every shape and background equally often (uniform, the bundled models) or mostly circles on plain backgrounds with every other shape and background rare (skewed: experimental, see README); --only t2v reads the image stage's from training.json",
+        help="how often training draws each scene: every shape and background equally often (uniform, the bundled models) or mostly circles on plain backgrounds with every other shape and background rare (skewed: experimental, see README), or mostly plain backgrounds with every shape equally often (skewed-backgrounds: experimental); --only t2v reads the image stage's from training.json",
     )
     video = parser.add_argument_group("text-to-video stage (defaults: the CPU recipe)")
     video.add_argument("--t2v-steps", type=int, help=f"optimizer steps (default {T2V_STEPS} x --scale)")

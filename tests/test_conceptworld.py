@@ -181,5 +181,15 @@ def test_skewed_scene_prior_draws_the_target_shares_from_uniform_renders():
     rendered = sum(lab["instance"] != "none" for lab in labels) / len(labels)
     drawn = sum(labels[i]["instance"] != "none" for i in idx) / len(idx)
     assert abs(drawn - rendered) < 0.02
+    # the background-only prior leaves every shape at its rendered share
+    idx = train.training_indices(gen, len(labels), 40000, train.scene_weights(labels, "skewed-backgrounds")).tolist()
+    backgrounds = Counter(labels[i]["background"] for i in idx)
+    for value, share in train.SCENE_SHARES["skewed-backgrounds"]["background"].items():
+        assert abs(backgrounds[value] / len(idx) - share) < 0.02, (value, backgrounds[value] / len(idx))
+    objects = [labels[i]["shape"] for i in idx if labels[i]["instance"] == "none"]
+    rendered_shapes = Counter(lab["shape"] for lab in labels if lab["instance"] == "none")
+    n_objects = sum(rendered_shapes.values())
+    for value, count in Counter(objects).items():
+        assert abs(count / len(objects) - rendered_shapes[value] / n_objects) < 0.02, value
     with pytest.raises(ValueError, match="scene prior"):
         train.scene_weights(labels, "rare")
