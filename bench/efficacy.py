@@ -49,6 +49,8 @@ CONCEPTS = {
 # Per-category choices a policy author makes: a style is named inside longer captions ("a red
 # square on stripes"), so its ablation trains on context prompts too (measured: without them the
 # style's paraphrases keep it in 95% of samples; on an instance they cost unrelated prompts).
+# ``--setting`` replaces one of these for a run (the skewed-backgrounds candidate world's retune,
+# README, is ``--setting "ablation/style={..., steps: 600, preserve_weight: 5.0, text_space_weight: 0.0002}"``).
 # text_encoder likewise: stripes survived in 39% of image samples with the target phrasings alone,
 # 12.5% with context prompts and 200 steps, 0% with 400. For objects it also pulls the target's
 # encoding onto the anchor's and holds the preserve prompts and 256 vocabulary prompts harder, so
@@ -74,6 +76,34 @@ CATEGORY_SETTINGS = {
     ("text_encoder", "object"): "{name: text_encoder, steps: 300, learning_rate: 0.0003, images: 8, encoding_weight: 1.0, preserve_weight: 10.0, preserve_vocabulary: 256, typo_variants: true}",
     ("forget_me_not", "instance"): "{name: forget_me_not, parameters: embedding, following_tokens: true, attention_loss: mass, steps: 400, learning_rate: 0.01, reference_images: 10, typo_variants: true}",
 }
+
+
+CATEGORIES = ("object", "style", "instance", "nsfw", "other")
+
+
+def parse_setting(item: str) -> tuple[tuple[str, str], str]:
+    """``"ablation/style={name: ablation, steps: 600}"`` -> ``(("ablation", "style"), "{name: ablation, steps: 600}")``,
+    checked: a known method and category, and a YAML mapping whose ``name`` is that method."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    method, slash, category = key.strip().partition("/")
+    if not sep or not slash:
+        raise ValueError(f"--setting {item!r}: write it as METHOD/CATEGORY={{name: METHOD, ...}}, e.g. \"ablation/style={{name: ablation, steps: 600}}\".")
+    if method not in METHOD_SETTINGS:
+        raise ValueError(f"--setting {item!r}: unknown method {method!r}; use one of {', '.join(METHOD_SETTINGS)}.")
+    if category not in CATEGORIES:
+        raise ValueError(f"--setting {item!r}: unknown category {category!r}; use one of {', '.join(CATEGORIES)}.")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--setting {item!r}: the settings are not valid YAML ({exc.__class__.__name__}); write a flow mapping such as {{name: {method}, steps: 600}}.") from None
+    if not isinstance(parsed, dict) or parsed.get("name") != method:
+        raise ValueError(f"--setting {item!r}: the settings must be a mapping that starts with name: {method}, e.g. {{name: {method}, steps: 600}}.")
+    value = value.strip()
+    if not value.startswith(f"{{name: {method},"):
+        raise ValueError(f"--setting {item!r}: start the mapping with \"{{name: {method}, \" (the bench matches settings to a method by it).")
+    return (method, category), value
 
 
 def concept_block(cid: str, method: str, scope: str = "both") -> str:
@@ -143,7 +173,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-multi", action="store_true", help="skip the five-concept closed_form edit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video-clips", type=int, default=8, help="clips per prompt on the video model (8 frames each, all judged)")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="METHOD/CATEGORY={name: METHOD, ...}",
+        help="replace the method settings used for one concept category in this run (repeatable)",
+    )
     args = parser.parse_args(argv)
+    for item in args.setting:
+        try:
+            key, value = parse_setting(item)
+        except ValueError as exc:
+            parser.error(str(exc))
+        CATEGORY_SETTINGS[key] = value
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "efficacy.json"
     # runs of other methods already in the file are kept: a run can be split by --methods

@@ -7,6 +7,7 @@ concept and fewer samples, with the same bars.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from efficacy import policy_text  # noqa: E402
+from efficacy import CATEGORY_SETTINGS, concept_block, parse_setting, policy_text  # noqa: E402
 
 from policies import load_policy_text  # noqa: E402
 from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines  # noqa: E402
@@ -54,3 +55,20 @@ def test_method_removes_its_concept_and_keeps_neighbours(method, concept, video,
             assert res["anchor_on_target"] >= 0.80, (key, res["prompts"]["target"])
     for key, u in report["unrelated"].items():
         assert u["max_drop"] <= 0.02, (key, u["prompts"])
+
+
+def test_bench_setting_override_is_checked_and_used(monkeypatch):
+    key, value = parse_setting("ablation/style={name: ablation, steps: 600, preserve_weight: 5.0}")
+    assert key == ("ablation", "style")
+    monkeypatch.setitem(CATEGORY_SETTINGS, key, value)
+    assert "steps: 600, preserve_weight: 5.0}" in concept_block("stripes", "{name: ablation, steps: 100}")
+    assert "steps: 100}" in concept_block("star", "{name: ablation, steps: 100}")  # an object keeps the default
+    for bad, says in [
+        ("ablation={name: ablation}", "METHOD/CATEGORY="),
+        ("ablate/style={name: ablate}", "unknown method 'ablate'"),
+        ("ablation/styles={name: ablation}", "unknown category 'styles'"),
+        ("ablation/style={name: closed_form, steps: 3}", "starts with name: ablation"),
+        ("ablation/style={name: ablation, steps: [3}", "not valid YAML"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_setting(bad)
