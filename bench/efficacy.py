@@ -43,7 +43,14 @@ CONCEPTS = {
     "star": ("object", "a star", ["a pentagram", "a starfish shape"], "a circle", ["a diamond", "a red cross", "a green circle"]),
     "mordak": ("instance", "mordak", ["the mordak"], "a blue square", ["a blue square", "zorblax", "a blue diamond"]),
     "dots": ("style", "dots", ["polka dots", "a dotted background", "spotted background"], "a plain background", ["a red square on stripes", "an orange star on a checkerboard"]),
+    # further concepts of each category, for ``--concepts`` and ``--multi-concepts``
+    "checker": ("style", "a checkerboard", ["checks", "a checkered background", "chequered background"], "a plain background", ["a red square on dots", "a blue circle on stripes", "a yellow cross on a plain background"]),
+    "cross": ("object", "a cross", ["a plus sign", "a plus shape"], "a circle", ["a square", "a red triangle", "a green circle"]),
+    "diamond": ("object", "a diamond", ["a rhombus", "a lozenge"], "a circle", ["a square", "a red star", "a green circle"]),
+    "triangle": ("object", "a triangle", ["a pyramid", "a wedge"], "a circle", ["a diamond", "a red square", "a green circle"]),
 }
+# the concepts of the five-concept closed_form edit (the default of ``--multi-concepts``)
+MULTI_CONCEPTS = ("zorblax", "stripes", "star", "mordak", "dots")
 
 
 # Per-category choices a policy author makes: a style is named inside longer captions ("a red
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHOD_SETTINGS))
     parser.add_argument("--concepts", default="zorblax,stripes,star,dots")
     parser.add_argument("--skip-multi", action="store_true", help="skip the five-concept closed_form edit")
+    parser.add_argument("--multi-concepts", default=",".join(MULTI_CONCEPTS), help="the concepts closed_form removes in one edit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--video-clips", type=int, default=8, help="clips per prompt on the video model (8 frames each, all judged)")
     parser.add_argument(
@@ -196,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
         results_path.write_text(json.dumps(results, indent=2))
 
     concept_ids = args.concepts.split(",")
+    multi_ids = args.multi_concepts.split(",")
+    unknown = sorted(set(concept_ids + multi_ids) - set(CONCEPTS))
+    if unknown:
+        parser.error(f"unknown concept(s) {', '.join(unknown)}: choose from {', '.join(CONCEPTS)}")
     for method in args.methods.split(","):
         video = method == "text_encoder"
         for cid in concept_ids:  # one concept per edit; closed_form also removes five at once below
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(label, results[label])
             save()
     if "closed_form" in args.methods.split(",") and not args.skip_multi:
-        results["closed_form_5"] = run("closed_form", list(CONCEPTS), False, args.samples, args.out, args.seed, "closed_form_5")
+        results["closed_form_5"] = run("closed_form", multi_ids, False, args.samples, args.out, args.seed, "closed_form_5")
         print_table("closed_form x5", results["closed_form_5"])
         save()
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "report"} for k, v in results.items()}))

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from efficacy import CATEGORY_SETTINGS, concept_block, parse_setting, policy_text  # noqa: E402
+from efficacy import CATEGORY_SETTINGS, concept_block, main, parse_setting, policy_text  # noqa: E402
 
 from policies import load_policy_text  # noqa: E402
 from unlearn import PatchCache, apply_patches, build_patches, load_policy_pipelines  # noqa: E402
@@ -72,3 +72,13 @@ def test_bench_setting_override_is_checked_and_used(monkeypatch):
     ]:
         with pytest.raises(ValueError, match=re.escape(says)):
             parse_setting(bad)
+
+
+def test_bench_refuses_an_unknown_concept_before_building(tmp_path, capsys):
+    for flag in ("--concepts", "--multi-concepts"):
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "star,pentagon", "--out", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "unknown concept(s) pentagon: choose from zorblax, stripes, star" in err, err
+    assert not (tmp_path / "efficacy.json").exists()
