@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as exc:
             parser.error(str(exc))
         CATEGORY_SETTINGS[key] = value
+    concept_ids = args.concepts.split(",")
+    multi_ids = args.multi_concepts.split(",")
+    unknown = sorted(set(concept_ids + multi_ids) - set(CONCEPTS))
+    if unknown:
+        parser.error(f"unknown concept(s) {', '.join(unknown)}: choose from {', '.join(CONCEPTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "efficacy.json"
     # runs of other methods already in the file are kept: a run can be split by --methods
@@ -203,11 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=2))
 
-    concept_ids = args.concepts.split(",")
-    multi_ids = args.multi_concepts.split(",")
-    unknown = sorted(set(concept_ids + multi_ids) - set(CONCEPTS))
-    if unknown:
-        parser.error(f"unknown concept(s) {', '.join(unknown)}: choose from {', '.join(CONCEPTS)}")
     for method in args.methods.split(","):
         video = method == "text_encoder"
         for cid in concept_ids:  # one concept per edit; closed_form also removes five at once below
