@@ -48,6 +48,7 @@ CONCEPTS = {
     "cross": ("object", "a cross", ["a plus sign", "a plus shape"], "a circle", ["a square", "a red triangle", "a green circle"]),
     "diamond": ("object", "a diamond", ["a rhombus", "a lozenge"], "a circle", ["a square", "a red star", "a green circle"]),
     "triangle": ("object", "a triangle", ["a pyramid", "a wedge"], "a circle", ["a diamond", "a red square", "a green circle"]),
+    "quibbit": ("instance", "quibbit", ["the quibbit", "a picture of quibbit"], "a purple triangle", ["a purple triangle", "mordak", "a purple diamond"]),
 }
 # the concepts of the five-concept closed_form edit (the default of ``--multi-concepts``)
 MULTI_CONCEPTS = ("zorblax", "stripes", "star", "mordak", "dots")
