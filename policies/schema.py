@@ -292,6 +292,22 @@ class ForgetMeNotConfig(_TextSpaceOptions, _MethodConfig):
         default="norm",
         description="What is minimised: 'norm', the squared norm of the re-steered positions' attention maps (the paper; each position's probabilities squared, so mass spread thinly over many positions weighs little); 'mass', the square of the total probability on them, which weighs padding positions as much as one token.",
     )
+    encoder_attention_weight: NonNegativeFloat = Field(
+        default=0.0,
+        description="Weight of a second re-steering loss inside the text encoder (parameters 'embedding' only): the attention mass that every later position puts on the concept's tokens, every layer and head, through which a causal encoder copies the concept into the words, end-of-text and padding after it; 0 turns it off.",
+    )
+
+    @model_validator(mode="after")
+    def _encoder_attention_needs_embedding(self) -> ForgetMeNotConfig:
+        if self.encoder_attention_weight > 0 and self.parameters != "embedding":
+            raise _policy_error(
+                "rule",
+                f"Got encoder_attention_weight={self.encoder_attention_weight} with parameters={self.parameters!r}. The "
+                "text-encoder re-steering loss only moves the text encoder's input embeddings. Set parameters: embedding, "
+                "or encoder_attention_weight: 0.",
+                at=("encoder_attention_weight",),
+            )
+        return self
 
 
 class TextEncoderConfig(_MethodConfig):

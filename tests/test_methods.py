@@ -31,13 +31,14 @@ METHODS = {
     "forget_me_not_keys": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn_k, attention_loss: mass, following_tokens: true, preserve_weight: 1.0, preserve_vocabulary: 8}",
     "forget_me_not_preserve": "{name: forget_me_not, steps: 3, learning_rate: 0.001, reference_images: 2, parameters: cross_attn, preserve_weight: 1.0, preserve_vocabulary: 8}",
     "forget_me_not_embedding": "{name: forget_me_not, steps: 3, learning_rate: 0.01, reference_images: 2, parameters: embedding, attention_loss: mass, following_tokens: true}",
+    "forget_me_not_encoder_attention": "{name: forget_me_not, steps: 3, learning_rate: 0.01, reference_images: 2, parameters: embedding, attention_loss: mass, following_tokens: true, encoder_attention_weight: 1.0}",
     "text_encoder": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2}",
     "text_encoder_context": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6}",
     "text_encoder_encoding": "{name: text_encoder, steps: 3, learning_rate: 0.001, images: 2, context_prompts: 6, encoding_weight: 1.0, preserve_vocabulary: 8, typo_variants: true}",
     "closed_form": "{name: closed_form}",
     "closed_form_context": "{name: closed_form, context_prompts: 6, typo_variants: true}",
 }
-EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "forget_me_not_keys": "unet", "forget_me_not_preserve": "unet", "forget_me_not_embedding": "text_encoder", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
+EXPECTED_COMPONENT = {"ablation": "unet", "ablation_context": "unet", "ablation_text_space": "unet", "ablation_noise": "text_encoder", "forget_me_not": "unet", "forget_me_not_text_space": "unet", "forget_me_not_keys": "unet", "forget_me_not_preserve": "unet", "forget_me_not_embedding": "text_encoder", "forget_me_not_encoder_attention": "text_encoder", "text_encoder": "text_encoder", "text_encoder_context": "text_encoder", "text_encoder_encoding": "text_encoder", "closed_form": "unet", "closed_form_context": "unet"}
 
 
 def concept_yaml(cid: str, target: str, anchor: str, method: str, scope: str = "both") -> str:
@@ -335,6 +336,36 @@ def test_forget_me_not_embedding_patch_changes_only_the_concept_words_rows(tiny_
     changed = patch.deltas[key].abs().sum(1).nonzero().flatten().tolist()
     # the concept's word alone: not the start, end-of-text or padding tokens every prompt shares
     assert changed == pipe.tokenizer("zorblax", add_special_tokens=False).input_ids, changed
+
+
+def test_forget_me_not_encoder_attention_weight_re_steers_the_text_encoder(tiny_pipeline):
+    from unlearn.denoiser import Denoiser
+
+    def later_mass(pipe) -> float:  # attention of the positions after "zorblax" on it, mean over layers
+        ids = Denoiser(pipe).token_ids(["the zorblax"])
+        k = len(pipe.tokenizer("zorblax", add_special_tokens=False).input_ids)
+        before = pipe.text_encoder.config._attn_implementation
+        pipe.text_encoder.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                maps = pipe.text_encoder(ids, output_attentions=True).attentions
+        finally:
+            pipe.text_encoder.set_attn_implementation(before)
+        return torch.stack([a[0][:, 2 + k :, 2 : 2 + k].sum(-1).mean() for a in maps]).mean().item()
+
+    masses = {}
+    for weight in (0.0, 5.0):
+        pipe = tiny_pipeline()
+        method = f"{{name: forget_me_not, steps: 30, learning_rate: 0.05, reference_images: 2, parameters: embedding, attention_loss: mass, following_tokens: true, encoder_attention_weight: {weight}}}"
+        concept = policy_with(concept_yaml("zorblax", "zorblax", "a green circle", method)).spec.concepts[0]
+        base, kernels = later_mass(pipe), pipe.text_encoder.config._attn_implementation
+        patch = get_method("forget_me_not")(concept.method).build(pipe, [concept], seed=0, progress=False)
+        assert pipe.text_encoder.config._attn_implementation == kernels  # its own kernels are put back
+        stack = PatchStack(pipeline_components(pipe))
+        stack.apply(patch)
+        masses[weight] = later_mass(pipe)
+        stack.remove_all()
+    assert masses[5.0] < 0.85 * base and masses[5.0] < 0.7 * masses[0.0], (base, masses)  # the UNet loss alone raises it
 
 
 def test_forget_me_not_attention_losses():

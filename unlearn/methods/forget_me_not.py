@@ -14,7 +14,9 @@ maps themselves: every cross-attention layer's probabilities for the preserve pr
 same noisy latents. ``typo_variants`` also re-steers the canonical text's misspellings (their
 word pieces, never a whole vocabulary word's token). ``parameters="embedding"`` tunes only the input embeddings of the concept's own
 words, so no prompt without them changes. ``attention_loss="mass"`` minimises the total probability on the re-steered
-positions instead of their maps' norm.
+positions instead of their maps' norm. ``encoder_attention_weight`` (with ``parameters="embedding"``) also
+re-steers the text encoder's own attention: the mass that every position after the concept's
+tokens puts on them, the path by which a causal encoder copies the concept forward.
 """
 
 from __future__ import annotations
@@ -126,6 +128,32 @@ def _restrict_to_rows(params: Mapping[str, nn.Parameter], token_ids: set[int]) -
     return hooks
 
 
+class _EagerAttention:
+    """Runs a transformers text encoder with its attention maps reported (the eager attention
+    kernels, which compute the same outputs), and puts its own kernels back on :meth:`restore`."""
+
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+        self.before = getattr(text_encoder.config, "_attn_implementation", None)
+        if not hasattr(text_encoder, "set_attn_implementation"):
+            from ..patch import PatchError
+
+            raise PatchError(f"encoder_attention_weight needs a transformers text encoder that can report its attention maps; {type(text_encoder).__name__} cannot. Set encoder_attention_weight: 0.")
+        text_encoder.set_attn_implementation("eager")
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        out = self.text_encoder(ids, output_attentions=True)
+        if not out.attentions:
+            from ..patch import PatchError
+
+            raise PatchError(f"{type(self.text_encoder).__name__} reported no attention maps, which encoder_attention_weight re-steers. Set encoder_attention_weight: 0.")
+        return out[0], out.attentions
+
+    def restore(self) -> None:
+        if self.before is not None:
+            self.text_encoder.set_attn_implementation(self.before)
+
+
 def concept_words(concept) -> set[str]:
     words = {w for p in target_prompts(concept) for w in p.lower().replace(",", " ").split()}
     return words - _FUNCTION_WORDS - set(concept.anchor.lower().split())
@@ -144,6 +172,8 @@ class ForgetMeNot(UnlearnMethod):
         ids = concept_token_ids(den.tokenizer, concept_words(concept), typos)
         refs = den.sample_latents(concept.target.text, cfg.reference_images)
         masks = concept_token_mask(den, prompts, set(), following=cfg.following_tokens, token_ids=ids).to(den.device)
+        own = concept_token_mask(den, prompts, set(), token_ids=ids).to(den.device)
+        later = (own.cumsum(1) > 0) & ~own  # every position after the concept's first token, other than its own
         if not masks.any():
             from ..patch import PatchError
 
@@ -161,6 +191,7 @@ class ForgetMeNot(UnlearnMethod):
         unet.set_attn_processor({name: (_AttentionProbe(probes) if name.removesuffix(".processor") in cross else proc) for name, proc in saved.items()})
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
+        encoder = _EagerAttention(den.text_encoder) if cfg.encoder_attention_weight > 0 else None
         try:
             for _ in range(cfg.steps):
                 i = int(torch.randint(0, len(refs), (1,), generator=den.generator))
@@ -174,10 +205,18 @@ class ForgetMeNot(UnlearnMethod):
                         den.predict(xs, ts, ctx)
                         goal = list(probes)
                 probes.clear()
-                den.predict(x_t, t, den.encode([prompts[j]]))
+                if encoder is None:
+                    cond = den.encode([prompts[j]])
+                else:
+                    cond, maps = encoder(den.token_ids([prompts[j]]))
+                den.predict(x_t, t, cond)
                 m = masks[j]
                 # attention on the concept's tokens, every layer, head and pixel
                 loss = torch.stack([attention_loss(p[..., m], cfg.attention_loss) for p in probes]).mean()
+                if encoder is not None and later[j].any():
+                    # and, inside the text encoder, the later positions' attention on them
+                    enc = torch.stack([attention_loss(a[0][:, later[j]][..., own[j]], cfg.attention_loss) for a in maps]).mean()
+                    loss = loss + cfg.encoder_attention_weight * enc
                 if space is not None:
                     loss = loss + cfg.text_space_weight * space.penalty(params)
                 if held_ctx is not None:
@@ -194,5 +233,7 @@ class ForgetMeNot(UnlearnMethod):
         finally:
             for h in hooks:
                 h.remove()
+            if encoder is not None:
+                encoder.restore()
             unet.set_attn_processor(saved)
             bar.close()
