@@ -82,3 +82,17 @@ def test_bench_refuses_an_unknown_concept_before_building(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "unknown concept(s) pentagon: choose from zorblax, stripes, star" in err, err
     assert not (tmp_path / "efficacy.json").exists()
+
+
+def test_every_bench_setting_is_a_valid_policy_for_its_concepts():
+    """A typo in a shipped setting would only show up minutes into a bench run; each method's
+    settings must load, for every concept, with the category's own settings where it has them."""
+    from efficacy import CONCEPTS, METHOD_SETTINGS
+
+    for method in METHOD_SETTINGS:
+        for cid in CONCEPTS:
+            policy = load_policy_text(policy_text(f"check-{method.replace('_', '-')}", [cid], method, video=False), f"<{method} {cid}>")
+            cfg = policy.spec.concepts[0].method
+            assert cfg.name == method
+            if method == "forget_me_not":  # objects also re-steer the text encoder's attention; the rest do not
+                assert (cfg.encoder_attention_weight > 0) == (CONCEPTS[cid][0] == "object"), (cid, cfg)
