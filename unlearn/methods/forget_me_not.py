@@ -191,8 +191,10 @@ class ForgetMeNot(UnlearnMethod):
         unet.set_attn_processor({name: (_AttentionProbe(probes) if name.removesuffix(".processor") in cross else proc) for name, proc in saved.items()})
         opt = torch.optim.Adam(list(params.values()), lr=cfg.learning_rate)
         bar = progress_bar(cfg.steps, f"forget_me_not {concept.id}", progress)
-        encoder = _EagerAttention(den.text_encoder) if cfg.encoder_attention_weight > 0 else None
+        encoder = None
         try:
+            if cfg.encoder_attention_weight > 0:  # inside the try: a refusal still puts the UNet's processors back
+                encoder = _EagerAttention(den.text_encoder)
             for _ in range(cfg.steps):
                 i = int(torch.randint(0, len(refs), (1,), generator=den.generator))
                 j = int(torch.randint(0, len(prompts), (1,), generator=den.generator))
