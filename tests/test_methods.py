@@ -340,17 +340,17 @@ def test_forget_me_not_embedding_patch_changes_only_the_concept_words_rows(tiny_
 
 def test_forget_me_not_encoder_attention_weight_re_steers_the_text_encoder(tiny_pipeline):
     from unlearn.denoiser import Denoiser
+    from unlearn.methods.forget_me_not import _EagerAttention
 
     def later_mass(pipe) -> float:  # attention of the positions after "zorblax" on it, mean over layers
         ids = Denoiser(pipe).token_ids(["the zorblax"])
         k = len(pipe.tokenizer("zorblax", add_special_tokens=False).input_ids)
-        before = pipe.text_encoder.config._attn_implementation
-        pipe.text_encoder.set_attn_implementation("eager")
+        encoder = _EagerAttention(pipe.text_encoder)
         try:
             with torch.no_grad():
-                maps = pipe.text_encoder(ids, output_attentions=True).attentions
+                _, maps = encoder(ids)
         finally:
-            pipe.text_encoder.set_attn_implementation(before)
+            encoder.restore()
         return torch.stack([a[0][:, 2 + k :, 2 : 2 + k].sum(-1).mean() for a in maps]).mean().item()
 
     masses = {}
